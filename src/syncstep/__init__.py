@@ -1,0 +1,8 @@
+"""syncstep: data-parallel training for PyTorch (one device, dp, ddp) with the LR arithmetic done right."""
+
+__version__ = "0.1.0"
+
+from syncstep.module import Module
+from syncstep.trainer import NonFiniteLossError, Trainer, seed_everything
+
+__all__ = ["Module", "NonFiniteLossError", "Trainer", "__version__", "seed_everything"]

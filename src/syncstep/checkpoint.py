@@ -1,0 +1,161 @@
+"""Checkpoints: atomic writes, safe loads, and finding the newest good one.
+
+Writing: rank 0 writes ``.<name>.tmp-<pid>`` in the target directory, flushes and fsyncs it, renames it
+over the final name (atomic on POSIX file systems) and fsyncs the directory. A crash at any moment
+leaves either the old file or the new one under the name, never a partial file.
+
+Reading: only ``torch.load(weights_only=True)``, which refuses any pickled Python object other than
+tensors and plain containers; there is no unsafe fallback. syncstep's own metadata is plain types.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^epoch=(\d+)-step=(\d+)\.ckpt$")
+LAST = "last.ckpt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write ``obj`` with torch.save so that ``path`` is always either the old or the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+
+
+def atomic_link(source: str, path: str) -> None:
+    """Make ``path`` name the same file as ``source`` (a hard link, or a copy where links fail)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+
+
+def load(path: str) -> dict:
+    """Load a syncstep checkpoint safely (weights_only=True) or raise CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain data, which "
+            f"could run code when unpickled, and syncstep only loads with weights_only=True. ({error})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint; it is probably truncated or corrupted "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
+        ) from None
+    if not isinstance(checkpoint, dict) or "syncstep" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} loads, but it is not a syncstep checkpoint (no 'syncstep' metadata).")
+    return checkpoint
+
+
+def step_checkpoints(directory: str) -> list[str]:
+    """``epoch=E-step=S.ckpt`` files in ``directory``, newest (highest step) first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _STEP_FILE.match(name)
+        if match:
+            found.append((int(match.group(2)), int(match.group(1)), name))
+    return [os.path.join(directory, name) for _, _, name in sorted(found, reverse=True)]
+
+
+def newest_valid(directory: str) -> tuple[str | None, dict | None, list[str]]:
+    """The newest loadable checkpoint in ``directory`` (last.ckpt first), and the problems met on the way."""
+    candidates = [os.path.join(directory, LAST)] if os.path.exists(os.path.join(directory, LAST)) else []
+    candidates += step_checkpoints(directory)
+    problems = []
+    for path in candidates:
+        try:
+            return path, load(path), problems
+        except (CheckpointError, FileNotFoundError) as error:
+            problems.append(str(error))
+    return None, None, problems
+
+
+def strip_prefixes(state_dict: dict[str, Any], prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> dict:
+    """A plain state_dict: no DDP ``module.`` or torch.compile ``_orig_mod.`` in the keys."""
+    prefixes = tuple(prefixes)
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+            key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def check_plain(obj: Any, where: str) -> None:
+    """Raise if ``obj`` holds anything weights_only loading would refuse (functions, custom objects)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+        return
+    if isinstance(obj, (list, tuple, set)):
+        for i, item in enumerate(obj):
+            check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            check_plain(key, f"{where} key")
+            check_plain(value, f"{where}[{key!r}]")
+        return
+    raise CheckpointError(
+        f"cannot checkpoint {where}: it holds a {type(obj).__name__}, which a safe (weights_only) load "
+        "refuses. Schedulers built from lambdas are fine (their state is saved without the lambda); use "
+        "plain numbers and tensors in any state you add."
+    )

@@ -1,0 +1,189 @@
+"""Which samples each replica sees: training steps and exact evaluation shards.
+
+Training. One epoch is one permutation of the dataset, the same on every rank and independent of the
+world size (seed + epoch). Optimizer step s takes the next G = b x W x A samples of it; micro-batch a
+of that step takes the next b x W, and replica r takes every W-th of those, starting at r. So the
+union of one step's batches over all replicas is exactly the batch a single device would see with
+batch size G, whatever W is, and a run can resume at any sample offset on any world size.
+
+A final step may hold fewer samples. Its batches are weighted by their real size (see ``loss_weight``)
+so that the step's gradient is still the mean over the samples it has. If a replica has no sample in
+the last micro-batch, it reruns the micro-batch's samples with weight 0, so that every process still
+joins the gradient all-reduce (a DDP requirement) and nothing is counted twice.
+
+Evaluation. Replica r takes samples r, r + W, r + 2W, ... with no padding, so every sample is counted
+exactly once; the stock DistributedSampler pads with duplicates instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+
+
+def epoch_order(num_samples: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The epoch's permutation: identical on every rank and at every world size."""
+    if not shuffle:
+        return list(range(num_samples))
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How one epoch is cut into optimizer steps, micro-batches and replica batches."""
+
+    num_samples: int  # in the epoch
+    per_device_batch_size: int
+    world_size: int
+    accumulate_grad_batches: int
+    drop_last: bool = False
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_batch_size * self.world_size * self.accumulate_grad_batches
+
+    def num_steps(self, start_sample: int = 0) -> int:
+        remaining = max(self.num_samples - start_sample, 0)
+        if self.drop_last:
+            return remaining // self.global_batch_size
+        return math.ceil(remaining / self.global_batch_size)
+
+    def micro_batches(self, order: list[int], step: int, start_sample: int = 0) -> list[list[list[int]]]:
+        """Indices of step ``step``: a list over micro-batches of a list over replicas (may be empty)."""
+        g, chunk = self.global_batch_size, self.per_device_batch_size * self.world_size
+        begin = start_sample + step * g
+        samples = order[begin : min(begin + g, self.num_samples)]
+        return [
+            [samples[a : a + chunk][r :: self.world_size] for r in range(self.world_size)]
+            for a in range(0, len(samples), chunk)
+        ]
+
+
+def loss_weight(count: int, step_samples: int, gradient_averaging: int) -> float:
+    """Factor on a batch's mean loss so that the step's gradient is the mean over its samples.
+
+    DDP averages gradients over ``gradient_averaging`` processes, so a batch of n samples out of N in the
+    step gets weight n x P / N; for full batches this is 1 / accumulate_grad_batches, as usual.
+    """
+    return count * gradient_averaging / step_samples
+
+
+class TrainBatchSampler(Sampler[list[int]]):
+    """Yields this process's batches of one epoch in loop order: step, micro-batch, replica."""
+
+    def __init__(self, layout: StepLayout, order: list[int], replicas: list[int], start_sample: int = 0):
+        self.layout, self.order, self.replicas, self.start_sample = layout, order, replicas, start_sample
+
+    def plan(self) -> Iterator[tuple[int, list[list[tuple[int, list[int]]]]]]:
+        """Per step: (samples in the step on all replicas, per micro-batch a list over our replicas of
+        (real sample count, indices to load)).
+
+        A replica with no sample gets the micro-batch's samples with count 0 (see the module docstring).
+        DP drops such replicas itself; DDP must run them.
+        """
+        for step in range(self.layout.num_steps(self.start_sample)):
+            micro, step_samples = [], 0
+            for shards in self.layout.micro_batches(self.order, step, self.start_sample):
+                everything = None if all(shards) else [i for shard in shards for i in shard]
+                micro.append([(len(shards[r]), shards[r] or everything) for r in self.replicas])
+                step_samples += sum(len(shard) for shard in shards)
+            yield step_samples, micro
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, step in self.plan():
+            for micro in step:
+                for _, indices in micro:
+                    yield indices
+
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Replica r's batches of samples r, r + W, ...: every sample once, no padding."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, replica: int):
+        self.indices = list(range(replica, num_samples, world_size))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rebuilding the user's DataLoader around our batch sampler, keeping everything else they chose.
+
+_LOADER_SETTINGS = (
+    "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+    "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order",
+)
+
+
+@dataclass(frozen=True)
+class LoaderInfo:
+    dataset: object
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    custom_sampler: Sampler | None
+
+
+def inspect_loader(loader: DataLoader, what: str) -> LoaderInfo:
+    """Read what syncstep needs from a user's DataLoader, or explain why it cannot be sharded."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(
+            f"the {what} must be a torch.utils.data.DataLoader, got {type(loader).__name__}. Wrap your "
+            "dataset: DataLoader(dataset, batch_size=..., shuffle=...)."
+        )
+    if isinstance(loader.dataset, IterableDataset):
+        raise ValueError(
+            f"the {what} wraps an IterableDataset, which syncstep cannot split across replicas exactly. "
+            "Use a map-style Dataset, or shard the stream yourself (torch.utils.data.get_worker_info and "
+            "trainer.global_rank) and pass Trainer(use_distributed_sampler=False)."
+        )
+    batch_sampler = loader.batch_sampler
+    if loader.batch_size is None or not isinstance(batch_sampler, BatchSampler) or type(batch_sampler) is not BatchSampler:
+        raise ValueError(
+            f"the {what} uses a custom batch_sampler (or batch_size=None); syncstep builds the batches "
+            "itself so that replicas split each step exactly. Pass batch_size= (and a sampler= if you "
+            "need a custom order), or pass Trainer(use_distributed_sampler=False) to use your loader as is."
+        )
+    sampler = loader.sampler
+    shuffle = isinstance(sampler, RandomSampler)
+    if shuffle and (sampler.replacement or sampler._num_samples is not None):
+        custom: Sampler | None = sampler
+    else:
+        custom = None if isinstance(sampler, (RandomSampler, SequentialSampler)) else sampler
+    return LoaderInfo(loader.dataset, loader.batch_size, shuffle, loader.drop_last, custom)
+
+
+def rebuild_loader(loader: DataLoader, batch_sampler: Sampler[list[int]]) -> DataLoader:
+    """A DataLoader like the user's (workers, collate, pinning, ...) but with our batch sampler."""
+    settings = {name: getattr(loader, name) for name in _LOADER_SETTINGS if hasattr(loader, name)}
+    if not settings.get("num_workers"):
+        for name in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
+            settings.pop(name, None)
+    settings.pop("generator", None)
+    return DataLoader(loader.dataset, batch_sampler=batch_sampler, **settings)
+
+
+def sampler_order(sampler: Sampler, epoch: int) -> list[int]:
+    """This epoch's indices from a user's own sampler (the trainer takes rank 0's, so all ranks agree)."""
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return [int(i) for i in sampler]

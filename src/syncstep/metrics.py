@@ -1,0 +1,255 @@
+"""Logged values: collection (also from DP replica threads), reduction across ranks, and where they go.
+
+A value logged with ``self.log`` is stored with a weight, the number of samples in the batch that
+produced it. A step value is the weighted mean over what this process computed in the optimizer step
+(every micro-batch, every DP replica). An epoch value is the weighted mean over every sample of the
+epoch on every rank: per name, one all-reduce of (sum of value x weight, sum of weight).
+
+Storing is cheap on the hot path (a list append); tensors are only turned into floats on logging steps
+and at epoch ends, so logging does not add a device sync per step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Flush a name's epoch entries into a running (sum, weight) pair once this many have piled up.
+_FOLD_EVERY = 2048
+
+
+class _BatchContext(threading.local):
+    """Per thread (DP replicas run in threads): the stage and the weight of the batch being run."""
+
+    stage: str | None = None
+    count: int = 1
+
+
+def _scalar(name: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; log a scalar, "
+                "e.g. its .mean()."
+            )
+        return value.detach()
+    if isinstance(value, (int, float, bool)):
+        return float(value)
+    raise TypeError(f"self.log({name!r}, ...) takes a number or a one-element tensor, got {type(value).__name__}.")
+
+
+def _weighted_sums(entries: list[tuple[Any, float]], device: torch.device) -> torch.Tensor:
+    """(sum of value x weight, sum of weight) in float64 on ``device``."""
+    values = torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v, _ in entries])
+    weights = torch.tensor([float(w) for _, w in entries], dtype=torch.float64, device=device)
+    # A weight-0 entry (a padding batch) may hold anything; it must not turn the sum into NaN.
+    values = torch.where(weights > 0, values, torch.zeros_like(values))
+    return torch.stack([(values * weights).sum(), weights.sum()])
+
+
+class LogStore:
+    """What ``Module.log`` writes into; the trainer reads step and epoch values out of it."""
+
+    def __init__(self) -> None:
+        self.context = _BatchContext()
+        self.step_entries: list[tuple[str, Any, float]] = []
+        self.epoch_entries: dict[str, list[tuple[Any, float]]] = {}
+        self.epoch_folded: dict[str, torch.Tensor] = {}
+        self.prog_bar: set[str] = set()
+        self.hidden: set[str] = set()  # logger=False
+        self.sync_dist: set[str] = set()
+
+    def log(self, name, value, on_step, on_epoch, prog_bar, logger, sync_dist, batch_size) -> None:
+        stage = self.context.stage
+        training = stage == "train"
+        if on_step is None:
+            on_step = training
+        if on_epoch is None:
+            on_epoch = not training
+        if not (on_step or on_epoch):
+            return
+        weight = self.context.count if batch_size is None else batch_size
+        value = _scalar(name, value)
+        step_name, epoch_name = (f"{name}_step", f"{name}_epoch") if on_step and on_epoch else (name, name)
+        if on_step:
+            self.step_entries.append((step_name, value, weight))
+        if on_epoch:
+            entries = self.epoch_entries.setdefault(epoch_name, [])
+            entries.append((value, weight))
+            if len(entries) >= _FOLD_EVERY:
+                self._fold(epoch_name)
+        if prog_bar:
+            self.prog_bar.update((step_name, epoch_name))
+        if not logger:
+            self.hidden.update((step_name, epoch_name))
+        if sync_dist:
+            self.sync_dist.add(step_name)
+
+    def _fold(self, name: str) -> None:
+        sums = _weighted_sums(self.epoch_entries.pop(name), torch.device("cpu"))
+        previous = self.epoch_folded.get(name)
+        self.epoch_folded[name] = sums if previous is None else previous + sums
+
+    def clear_step(self) -> None:
+        self.step_entries.clear()
+
+    def step_values(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
+        """This step's values (weighted means); names logged with sync_dist are averaged over ranks."""
+        grouped: dict[str, list[tuple[Any, float]]] = {}
+        for name, value, weight in self.step_entries:
+            grouped.setdefault(name, []).append((value, weight))
+        out = {}
+        for name in sorted(grouped):
+            sums = _weighted_sums(grouped[name], torch.device("cpu"))
+            if name in self.sync_dist and all_reduce is not None:
+                sums = all_reduce(sums)
+            if sums[1] > 0:
+                out[name] = float(sums[0] / sums[1])
+        return out
+
+    def epoch_values(
+        self,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor],
+        all_names: Callable[[list[str]], list[str]],
+        device: torch.device,
+    ) -> dict[str, float]:
+        """Sample-weighted means over every rank; clears the epoch. Every rank must call it."""
+        for name in list(self.epoch_entries):
+            self._fold(name)
+        names = all_names(sorted(self.epoch_folded))
+        if not names:  # the same on every rank, so no rank waits in the all-reduce below
+            return {}
+        zero = torch.zeros(2, dtype=torch.float64)
+        sums = torch.stack([self.epoch_folded.get(n, zero) for n in names])
+        sums = all_reduce(sums.to(device)).cpu()
+        self.epoch_folded.clear()
+        return {n: float(s[0] / s[1]) for n, s in zip(names, sums) if s[1] > 0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where values go: metrics.csv, TensorBoard, the progress bar. Only rank 0 creates these.
+
+
+class CSVLogger:
+    """``metrics.csv`` with one row per logging step or epoch end; columns grow as names appear.
+
+    The file is rewritten whole (to a temporary file, then renamed) on each flush, so it is never half
+    written and new columns need no special case; rows are few (one per log_every_n_steps).
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.path = os.path.join(log_dir, "metrics.csv")
+        self.rows: list[dict[str, float]] = []
+        self.columns: list[str] = ["epoch", "step"]
+        self._dirty = False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, **metrics}
+        for name in row:
+            if name not in self.columns:
+                self.columns.append(name)
+        self.rows.append(row)
+        self._dirty = True
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        with open(os.path.join(self.log_dir, "hparams.txt"), "w") as f:
+            for key, value in params.items():
+                f.write(f"{key}: {value}\n")
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+    def finalize(self) -> None:
+        self.flush()
+
+
+class TensorBoardLogger:
+    """TensorBoard event files next to metrics.csv (imported only when used)."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = log_dir
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if name != "epoch":
+                self.writer.add_scalar(name, value, step)
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        self.writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def finalize(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def next_version_dir(root: str) -> str:
+    """``root/version_N`` with N one more than the highest there, as Lightning names its runs."""
+    existing = []
+    if os.path.isdir(root):
+        for entry in os.listdir(root):
+            if entry.startswith("version_") and entry[8:].isdigit():
+                existing.append(int(entry[8:]))
+    return os.path.join(root, f"version_{max(existing, default=-1) + 1}")
+
+
+def format_metric(value: float) -> str:
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+class ProgressBar:
+    """A tqdm bar per epoch on rank 0, showing the values logged with ``prog_bar=True``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=True, unit="step")
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, values: dict[str, float]) -> None:
+        if self.bar is not None and values:
+            self.bar.set_postfix({k: format_metric(v) for k, v in values.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,60 @@
+"""Pieces every strategy uses: moving a batch, and a module whose forward runs the user's step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+_HOOKS = {"train": "training_step", "validate": "validation_step", "test": "test_step"}
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors anywhere inside tuples, lists, dicts, namedtuples and dataclasses, moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+def extract_loss(output: Any) -> torch.Tensor:
+    """The loss from what ``training_step`` returned: a scalar tensor or a dict with "loss"."""
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = "None" if output is None else f"{type(output).__name__}"
+        if isinstance(loss, torch.Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        raise ValueError(
+            f"training_step must return the loss as a scalar tensor (or a dict with key 'loss'), got {got}. "
+            "syncstep needs a loss on every step: skipping a step on one process would stall the others."
+        )
+    return loss
+
+
+class StepRunner(torch.nn.Module):
+    """``forward`` runs the user's step hook, so that DDP's forward hooks and DP's replication apply.
+
+    It also tells ``Module.log`` (through a thread-local context) which stage and how many real
+    samples the batch holds, which is how logged values get their weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, log_context: Any) -> None:
+        super().__init__()
+        self.module = module
+        self.log_context = log_context
+
+    def forward(self, stage: str, batch: Any, batch_idx: int, count: int) -> Any:
+        context = self.log_context
+        context.stage, context.count = stage, count
+        return getattr(self.module, _HOOKS[stage])(batch, batch_idx)

@@ -1,0 +1,61 @@
+"""Distributed Data Parallel: one process per device, gradients averaged by all-reduce.
+
+The process group is created by the trainer (see ``syncstep.launch``); this wraps the model in
+``torch.nn.parallel.DistributedDataParallel`` and runs the training step through it, so that DDP's
+hooks all-reduce the gradients during backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from syncstep.strategies.common import StepRunner, extract_loss, move_to_device
+
+
+class DDPStrategy:
+    name = "ddp"
+
+    def __init__(self, devices: list[torch.device], find_unused_parameters: bool = False, **_: Any) -> None:
+        if len(devices) != 1:
+            raise ValueError(f"a DDP process drives one device, got {devices}.")
+        self.devices = devices
+        self.find_unused_parameters = find_unused_parameters
+        self.world_size = dist.get_world_size()
+        self.gradient_averaging = self.world_size
+        self.replicas = [dist.get_rank()]
+        self.runner: StepRunner | None = None
+        self.ddp: DistributedDataParallel | None = None
+
+    def setup(self, runner: StepRunner) -> None:
+        device = self.devices[0]
+        runner.module.to(device)
+        self.runner = runner
+        # DDP broadcasts rank 0's parameters and buffers at construction, so every replica starts equal.
+        self.ddp = DistributedDataParallel(
+            runner,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters,
+        )
+
+    def _move(self, batch: Any) -> Any:
+        return batch if self.devices[0].type == "cpu" else move_to_device(batch, self.devices[0])
+
+    def sync_gradients(self, enabled: bool) -> None:
+        # Same effect as ddp.no_sync() on the micro-batches before the last one, without a context
+        # manager around forward and backward (nanoGPT does the same).
+        self.ddp.require_backward_grad_sync = enabled
+
+    def training_step(self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int) -> torch.Tensor:
+        loss = extract_loss(self.ddp("train", self._move(batches[0]), batch_idx, counts[0]))
+        return loss if weights[0] == 1.0 else loss * weights[0]
+
+    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
+        # Evaluation has no backward, so it skips DDP's forward (and its buffer broadcast).
+        self.runner(stage, self._move(batches[0]), batch_idx, counts[0])
+
+    def teardown(self) -> None:
+        self.ddp = None

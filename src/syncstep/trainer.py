@@ -1,0 +1,1085 @@
+"""The Trainer: argument checks, the plan, and the loop.
+
+One optimizer step, top to bottom (``Trainer._train_epoch``):
+
+    for each micro-batch of the step (gradient accumulation):
+        fetch this process's batches (one per replica it feeds)
+        sync gradients only on the last micro-batch (DDP no_sync otherwise)
+        loss = strategy.training_step(batches)   # forward on each replica, losses weighted by batch size
+        backward(loss)                           # through the grad scaler for 16-bit
+    unscale + clip gradients
+    optimizer.step() with LR x (scale x warmup) # then the user's LRs are put back
+    zero_grad, step-interval schedulers, log every log_every_n_steps, validate / checkpoint when due
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from syncstep import checkpoint as ckpt
+from syncstep import distributed as dist
+from syncstep.data import (
+    EvalBatchSampler,
+    StepLayout,
+    TrainBatchSampler,
+    epoch_order,
+    inspect_loader,
+    loss_weight,
+    rebuild_loader,
+    sampler_order,
+)
+from syncstep.launch import Environment, can_self_launch, detect_environment, init_process_group, self_launch
+from syncstep.metrics import (
+    CSVLogger,
+    LogStore,
+    ProgressBar,
+    TensorBoardLogger,
+    format_metric,
+    next_version_dir,
+    tensorboard_available,
+)
+from syncstep.module import Module
+from syncstep.optim import effective_lrs, parse_optimizers, scaled_step, step_schedulers, unique_parameters
+from syncstep.plan import (
+    LR_SCALING_RULES,
+    BatchPlan,
+    LRPlan,
+    optimizer_names,
+    plan_batch,
+    plan_lr,
+    resolve_warmup,
+    summary,
+)
+from syncstep.strategies import STRATEGIES
+from syncstep.strategies.common import StepRunner
+
+_PRECISIONS = {
+    "32": "32", "32-true": "32", 32: "32",
+    "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
+    "16-mixed": "16-mixed", "16": "16-mixed", 16: "16-mixed",
+}
+# Names users bring from other trainers, Lightning 1.x and our own design note.
+_ALIASES = {
+    "num_epochs": "max_epochs", "epochs": "max_epochs", "n_epochs": "max_epochs",
+    "strategies": "strategy", "gpus": "devices", "num_devices": "devices", "nodes": "num_nodes",
+    "accumulate_grad_batch": "accumulate_grad_batches", "gradient_accumulation_steps": "accumulate_grad_batches",
+    "grad_clip": "gradient_clip_val", "clip_grad_norm": "gradient_clip_val", "lr_scale": "lr_scaling",
+    "root_dir": "default_root_dir", "warmup": "warmup_epochs",
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; every rank raises it at the same step."""
+
+
+def _unknown_arguments(unknown: dict, valid: list[str]) -> TypeError:
+    hints = []
+    for name in unknown:
+        guess = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.6)), None)
+        hints.append(f"unknown argument {name!r}" + (f"; did you mean {guess!r}?" if guess else ""))
+    return TypeError("Trainer(): " + "; ".join(hints) + f" Valid arguments: {', '.join(valid)}.")
+
+
+class Trainer:
+    """Train a :class:`syncstep.Module` on one device, with ``strategy="dp"`` or ``strategy="ddp"``.
+
+    The DataLoader's ``batch_size`` is the per-device batch for every strategy; the global batch is
+    per-device batch x devices x num_nodes x accumulate_grad_batches, and the learning rate is scaled
+    for it (``lr_scaling``, default "auto": linear for SGD, square root for Adam-like optimizers),
+    relative to ``reference_batch_size`` (default: the per-device batch). All of it is printed at start.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        accelerator: str = "auto",
+        devices: int | str | list[int] = "auto",
+        strategy: str = "auto",
+        num_nodes: int = 1,
+        precision: str | int = "32",
+        accumulate_grad_batches: int | None = None,
+        global_batch_size: int | None = None,
+        lr_scaling: str = "auto",
+        reference_batch_size: int | None = None,
+        warmup_epochs: float | None = None,
+        warmup_steps: float | None = None,
+        warmup_interval: str = "step",
+        warmup_type: str = "linear",
+        warmup_start_factor: float | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        val_check_interval: int | float | None = None,
+        check_val_every_n_epoch: int | None = 1,
+        log_every_n_steps: int = 50,
+        seed: int | None = None,
+        default_root_dir: str | None = None,
+        enable_progress_bar: bool = True,
+        logger: Any = True,
+        enable_checkpointing: bool = True,
+        ckpt_every_n_epochs: int | None = 1,
+        ckpt_every_n_steps: int | None = None,
+        keep_last: int = 2,
+        on_nonfinite_loss: str = "error",
+        use_distributed_sampler: bool = True,
+        timeout: float | timedelta = 300.0,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            valid = [p for p in inspect.signature(Trainer.__init__).parameters if p not in ("self", "unknown")]
+            raise _unknown_arguments(unknown, valid)
+
+        def positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 0):
+            raise ValueError(f"max_epochs must be an int >= 0, got {max_epochs!r}.")
+        if not isinstance(max_steps, int) or max_steps < -1:
+            raise ValueError(f"max_steps must be an int >= 0, or -1 for no limit; got {max_steps!r}.")
+        self.max_epochs = 1000 if max_epochs is None and max_steps == -1 else max_epochs
+        self._max_epochs_defaulted = max_epochs is None and max_steps == -1
+        self.max_steps = max_steps
+        positive_int("num_nodes", num_nodes, allow_none=False)
+        positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        positive_int("global_batch_size", global_batch_size)
+        positive_int("reference_batch_size", reference_batch_size)
+        positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
+        positive_int("log_every_n_steps", log_every_n_steps, allow_none=False)
+        positive_int("ckpt_every_n_epochs", ckpt_every_n_epochs)
+        positive_int("ckpt_every_n_steps", ckpt_every_n_steps)
+        positive_int("keep_last", keep_last, allow_none=False)
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'.")
+        if lr_scaling not in LR_SCALING_RULES:
+            raise ValueError(f"lr_scaling={lr_scaling!r} is not one of {LR_SCALING_RULES}.")
+        if gradient_clip_val is not None and (not isinstance(gradient_clip_val, (int, float)) or gradient_clip_val <= 0):
+            raise ValueError(f"gradient_clip_val must be a number > 0, got {gradient_clip_val!r}.")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}.")
+        if val_check_interval is not None and not (
+            (isinstance(val_check_interval, int) and val_check_interval >= 1)
+            or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
+        ):
+            raise ValueError(
+                f"val_check_interval must be an int >= 1 (optimizer steps) or a float in (0, 1] (a fraction "
+                f"of the epoch), got {val_check_interval!r}."
+            )
+        if on_nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'error' or 'skip', got {on_nonfinite_loss!r}.")
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}.")
+        if not isinstance(timeout, timedelta):
+            if not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}.")
+            timeout = timedelta(seconds=timeout)
+
+        self.precision = _PRECISIONS[precision]
+        self.num_nodes = num_nodes
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.global_batch_size = global_batch_size
+        self.lr_scaling = lr_scaling
+        self.reference_batch_size = reference_batch_size
+        self._warmup_args = dict(
+            warmup_steps=warmup_steps, warmup_epochs=warmup_epochs, interval=warmup_interval,
+            kind=warmup_type, start_factor=warmup_start_factor,
+        )
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.log_every_n_steps = log_every_n_steps
+        self.seed = seed
+        self.default_root_dir = os.path.abspath(default_root_dir or os.getcwd())
+        self.enable_progress_bar = enable_progress_bar
+        self._logger_arg = logger
+        self.enable_checkpointing = enable_checkpointing
+        self.ckpt_every_n_epochs = ckpt_every_n_epochs
+        self.ckpt_every_n_steps = ckpt_every_n_steps
+        self.keep_last = keep_last
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.use_distributed_sampler = use_distributed_sampler
+        self.timeout = timeout
+
+        self._env: Environment = detect_environment()
+        self.accelerator, self._device_ids, self.num_devices = self._resolve_devices(accelerator, devices)
+        self.strategy_name = self._resolve_strategy(strategy)
+        if seed is not None:
+            seed_everything(seed)
+
+        self.current_epoch = 0
+        self.global_step = 0
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.logged_metrics: dict[str, float] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_scheduler_configs: list = []
+        self.batch_plan: BatchPlan | None = None
+        self.lr_plan: LRPlan | None = None
+        self.log_dir: str | None = None
+        self.should_stop = False
+        self._logs = LogStore()
+        self._strategy = None
+        self._loggers: list[Any] = []
+        self._bar = ProgressBar(False)
+        self._stage: str | None = None
+        self._stop_signal = False
+
+    # -- where this process stands ----------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Number of processes (Lightning's meaning: 1 for dp)."""
+        return self._env.world_size if self._env.source != "local" else 1
+
+    @property
+    def global_rank(self) -> int:
+        return self._env.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._env.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._env.node_rank
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._env.global_rank == 0
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.default_root_dir, "checkpoints")
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_global_zero:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
+
+    # -- argument resolution (all before any process starts) --------------------------------------
+    def _resolve_devices(self, accelerator: str, devices: Any) -> tuple[str, list[int] | None, int]:
+        if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+            close = difflib.get_close_matches(str(accelerator), ["auto", "cpu", "gpu", "cuda"], n=1)
+            raise ValueError(
+                f"accelerator={accelerator!r} is not supported; use 'auto', 'cpu' or 'gpu' ('cuda')"
+                + (f"; did you mean {close[0]!r}?" if close else ".")
+            )
+        if accelerator == "auto":
+            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+        if accelerator == "gpu":
+            accelerator = "cuda"
+        env = self._env
+        launched = env.source != "local"
+        if isinstance(devices, str) and devices.lstrip("-").isdigit():
+            devices = int(devices)
+        if accelerator == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"accelerator={'gpu'!r} but no CUDA GPU is visible (torch {torch.__version__}, CUDA build: "
+                f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+                "Use accelerator='cpu', or 'auto' to pick what is there."
+            )
+        if accelerator == "cpu":
+            if isinstance(devices, (list, tuple)):
+                raise ValueError(
+                    f"devices={list(devices)} lists device indices, which select GPUs; on the CPU pass a "
+                    "number of processes (ddp) or replicas (dp), e.g. devices=2."
+                )
+            if devices == "auto":
+                return "cpu", None, env.local_world_size if launched else 1
+            if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+                raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
+            return "cpu", None, devices
+        count = torch.cuda.device_count()
+        if devices == "auto" or devices == -1:
+            ids = list(range(env.local_world_size if launched and devices == "auto" else count))
+        elif isinstance(devices, (list, tuple)):
+            ids = list(devices)
+            if not ids or len(set(ids)) != len(ids) or any(not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"devices={ids} must be a non-empty list of distinct GPU indices.")
+        elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+            ids = list(range(devices))
+        else:
+            raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
+        if max(ids) >= count:
+            raise ValueError(
+                f"devices={devices!r} needs GPU {max(ids)}, but only {count} GPU{'s' * (count != 1)} "
+                f"{'is' if count == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Use devices={count} or fewer."
+            )
+        return "cuda", ids, len(ids)
+
+    def _resolve_strategy(self, strategy: str) -> str:
+        names = ["auto", *STRATEGIES]
+        if strategy not in names:
+            close = difflib.get_close_matches(str(strategy), names, n=1)
+            raise ValueError(
+                f"strategy={strategy!r} is not one of {names}" + (f"; did you mean {close[0]!r}?" if close else ".")
+            )
+        env, n, nodes = self._env, self.num_devices, self.num_nodes
+        if strategy == "auto":
+            strategy = "single" if n == 1 and nodes == 1 and env.world_size == 1 else "ddp"
+        if strategy == "single" and (n > 1 or nodes > 1):
+            raise ValueError(f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'.")
+        if strategy == "dp":
+            if nodes > 1:
+                raise ValueError(
+                    "strategy='dp' runs in one process on one machine, so num_nodes must be 1; for several "
+                    "machines use strategy='ddp'."
+                )
+            if env.world_size > 1:
+                raise ValueError(
+                    f"strategy='dp' is one process, but this is process {env.global_rank} of {env.world_size} "
+                    f"started by {env.source}. Use strategy='ddp' with a launcher, or run dp with plain python."
+                )
+            return strategy
+        if env.source != "local":
+            if env.num_nodes != nodes:
+                raise ValueError(
+                    f"num_nodes={nodes}, but {env.source} started {env.num_nodes} node(s) "
+                    f"({env.world_size} processes, {env.local_world_size} per node). Pass num_nodes={env.num_nodes}."
+                )
+            if env.local_world_size != n:
+                raise ValueError(
+                    f"devices={n}, but {env.source} started {env.local_world_size} process(es) on this node. "
+                    f"Pass devices={env.local_world_size} (or 'auto'), or start {n} per node "
+                    f"(torchrun --nproc-per-node={n}; SLURM --ntasks-per-node={n})."
+                )
+        elif nodes > 1:
+            raise ValueError(
+                f"num_nodes={nodes}, but this process was not started by torchrun or SLURM. Start one launcher "
+                f"per machine: torchrun --nnodes={nodes} --nproc-per-node={n} --rdzv-backend=c10d "
+                "--rdzv-endpoint=HOST:PORT train.py (or srun under SLURM)."
+            )
+        return strategy
+
+    # -- public entry points ----------------------------------------------------------------------
+    def fit(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            ckpt_path: str | None = None) -> None:
+        """Train ``model``. ``ckpt_path`` resumes: a path, or "last" for the newest good checkpoint."""
+        self._check_module(model)
+        train = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
+        if train is None:
+            raise ValueError("fit() needs training data: pass train_dataloaders=, or define train_dataloader().")
+        val = val_dataloaders if val_dataloaders is not None else model.val_dataloader()
+        self._check_loaders(train, "train_dataloaders")
+        self._check_loaders(val, "val_dataloaders")
+        self._launch_if_needed()
+        with self._running(model, "fit"):
+            self._fit(model, train, val, ckpt_path)
+
+    def validate(self, model: Module, dataloaders: Any = None, ckpt_path: str | None = None) -> list[dict[str, float]]:
+        """Evaluate with ``validation_step``; one dict of epoch metrics per dataloader."""
+        return self._evaluate_entry(model, dataloaders, ckpt_path, "validate")
+
+    def test(self, model: Module, dataloaders: Any = None, ckpt_path: str | None = None) -> list[dict[str, float]]:
+        """Evaluate with ``test_step``; one dict of epoch metrics per dataloader."""
+        return self._evaluate_entry(model, dataloaders, ckpt_path, "test")
+
+    def _evaluate_entry(self, model: Module, loaders: Any, ckpt_path: str | None, stage: str) -> list[dict]:
+        self._check_module(model)
+        if loaders is None:
+            loaders = model.val_dataloader() if stage == "validate" else model.test_dataloader()
+        if loaders is None:
+            raise ValueError(f"{stage}() needs data: pass dataloaders=, or define "
+                             f"{'val' if stage == 'validate' else 'test'}_dataloader().")
+        self._check_loaders(loaders, "dataloaders")
+        self._launch_if_needed()
+        with self._running(model, stage):
+            if ckpt_path is not None:
+                path, state = self._find_checkpoint(ckpt_path)
+                if state is not None:
+                    model.load_state_dict(state["state_dict"])
+                    self.print(f"syncstep: {stage} with the weights of {path}")
+            results = []
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                results.append(self._run_evaluation(loader, stage))
+            return results
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_module(model: Any) -> None:
+        if not isinstance(model, Module):
+            raise TypeError(
+                f"Trainer needs a syncstep.Module, got {type(model).__name__}. Subclass syncstep.Module and "
+                "define training_step and configure_optimizers."
+            )
+
+    def _check_loaders(self, loaders: Any, what: str) -> None:
+        if loaders is None or not self.use_distributed_sampler:
+            return
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            inspect_loader(loader, what)
+
+    def _launch_if_needed(self) -> None:
+        if self._env.source != "local" or self.strategy_name not in ("ddp", "ddp_find_unused_parameters_true"):
+            return
+        if self.num_devices == 1:
+            return  # one process: DDP with a world of one, no launch needed
+        why = can_self_launch()
+        if why:
+            raise ValueError(
+                f"strategy='ddp' with devices={self.num_devices} needs {self.num_devices} processes, and syncstep "
+                f"cannot start them itself because {why}. Run the script with python, or with "
+                f"torchrun --nproc-per-node={self.num_devices} script.py."
+            )
+        self_launch(self.num_devices)
+
+    def _devices_for_this_process(self) -> list[torch.device]:
+        if self.accelerator == "cpu":
+            if self.strategy_name == "dp":
+                return [torch.device("cpu")] * self.num_devices
+            return [torch.device("cpu")]
+        if self.strategy_name == "dp":
+            return [torch.device("cuda", i) for i in self._device_ids]
+        return [torch.device("cuda", self._device_ids[self.local_rank])]
+
+    @contextlib.contextmanager
+    def _running(self, model: Module, stage: str) -> Iterator[None]:
+        devices = self._devices_for_this_process()
+        if devices[0].type == "cuda":
+            torch.cuda.set_device(devices[0])
+        if self.strategy_name.startswith("ddp"):
+            init_process_group(self._env if self._env.source != "local" else Environment("local"),
+                               devices[0], self.timeout)
+            if not dist.initialized():  # pragma: no cover - init_process_group raises instead
+                raise RuntimeError("the process group did not start")
+        self._strategy = STRATEGIES[self.strategy_name](devices=devices)
+        model._trainer = self
+        runner = StepRunner(model, self._logs.context)
+        self._strategy.setup(runner)
+        self._stage = stage
+        try:
+            yield
+        except BaseException as error:
+            self._report_failure(error, stage)
+            raise
+        finally:
+            self._bar.close()
+            for logger in self._loggers:
+                logger.finalize()
+            self._loggers = []
+            self._strategy.teardown()
+            self._stage = None
+
+    def _report_failure(self, error: BaseException, stage: str) -> None:
+        """Name the rank and where it failed, and hand the traceback to torchrun's error file."""
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return
+        if self._env.world_size > 1:
+            print(
+                f"syncstep: rank {self.global_rank} failed in {stage} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: {type(error).__name__}: {error}",
+                file=sys.stderr, flush=True,
+            )
+        if os.environ.get("TORCHELASTIC_ERROR_FILE") and isinstance(error, Exception):
+            try:
+                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+                ErrorHandler().record_exception(error)
+            except Exception:  # the report is a courtesy; the original error must propagate
+                traceback.print_exc()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+        return torch.autocast(self._strategy.devices[0].type, dtype=dtype)
+
+    def _make_loggers(self) -> None:
+        self._loggers = []
+        if not self.is_global_zero or self._logger_arg in (False, None):
+            return
+        self.log_dir = next_version_dir(os.path.join(self.default_root_dir, "syncstep_logs"))
+        wanted = self._logger_arg
+        if wanted is True:
+            wanted = ["csv", "tensorboard"] if tensorboard_available() else ["csv"]
+        for item in wanted if isinstance(wanted, (list, tuple)) else [wanted]:
+            if item == "csv":
+                self._loggers.append(CSVLogger(self.log_dir))
+            elif item == "tensorboard":
+                if not tensorboard_available():
+                    raise ValueError("logger='tensorboard' needs the tensorboard package: pip install tensorboard.")
+                self._loggers.append(TensorBoardLogger(self.log_dir))
+            elif hasattr(item, "log_metrics"):
+                self._loggers.append(item)
+            else:
+                raise ValueError(
+                    f"logger={item!r}: use True, False, 'csv', 'tensorboard', or an object with "
+                    "log_metrics(metrics, step)."
+                )
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        shown = {k: v for k, v in metrics.items() if k not in self._logs.hidden}
+        self.logged_metrics.update(shown)
+        for logger in self._loggers:
+            logger.log_metrics(shown, step)
+
+    def _flush_loggers(self) -> None:
+        for logger in self._loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
+
+    def _update_callback_metrics(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.callback_metrics[name] = torch.tensor(value, dtype=torch.float64)
+
+    # -- fit --------------------------------------------------------------------------------------
+    def _fit(self, model: Module, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:
+        strategy = self._strategy
+        self.optimizers, self.lr_scheduler_configs = parse_optimizers(model.configure_optimizers())
+        self._scaler = torch.amp.GradScaler(strategy.devices[0].type) if self.precision == "16-mixed" else None
+        self._params = unique_parameters(self.optimizers)
+        self._val_loader = val_loader
+        if val_loader is not None and type(model).validation_step is Module.validation_step:
+            self.print("syncstep: validation data was given but the model defines no validation_step; skipping it.")
+            self._val_loader = None
+
+        # The data plan and the batch / LR arithmetic, derived once.
+        self._train = TrainData(train_loader, strategy, self, self.use_distributed_sampler)
+        batch = plan_batch(self._train.per_device_batch_size, strategy.world_size, self.accumulate_grad_batches,
+                           self.global_batch_size, self.reference_batch_size)
+        self.batch_plan = batch
+        self._train.set_plan(batch)
+        steps_per_epoch = self._train.steps_per_epoch(0)
+        total_steps = steps_per_epoch * self.max_epochs if self.max_epochs is not None else self.max_steps
+        if self.max_steps >= 0:
+            total_steps = min(total_steps, self.max_steps)
+        warmup = resolve_warmup(**self._warmup_args, steps_per_epoch=steps_per_epoch,
+                                total_steps=total_steps, batch=batch)
+        self.lr_plan = plan_lr(self.optimizers, self.lr_scaling, batch, warmup)
+        self._lr_names = optimizer_names(self.optimizers)
+
+        start_epoch, start_sample = 0, 0
+        if ckpt_path is not None:
+            start_epoch, start_sample = self._resume(model, ckpt_path)
+
+        if self._max_epochs_defaulted:
+            self.print("syncstep: neither max_epochs nor max_steps was set; training for max_epochs=1000.")
+        self.print(summary(strategy=self.strategy_name, accelerator=self.accelerator, devices=self.num_devices,
+                           num_nodes=self.num_nodes, batch=batch, lr=self.lr_plan, steps_per_epoch=steps_per_epoch,
+                           total_steps=total_steps, requested_rule=self.lr_scaling))
+        self._make_loggers()
+        for logger in self._loggers:
+            if hasattr(logger, "log_hyperparams"):
+                logger.log_hyperparams(self._hyperparams())
+        self._bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
+        self._recent_losses: list[tuple[int, torch.Tensor]] = []
+        self._multipliers = self.lr_plan.multipliers(self.global_step, start_epoch)
+        self.should_stop = False
+        previous_handler = self._install_sigterm_handler()
+        try:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            model.on_fit_start()
+            for epoch in range(start_epoch, self.max_epochs if self.max_epochs is not None else sys.maxsize):
+                if self.should_stop or self._steps_exhausted():
+                    break
+                self.current_epoch = epoch
+                self._train_epoch(model, epoch, start_sample if epoch == start_epoch else 0)
+            model.on_fit_end()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        self._flush_loggers()
+
+    def _steps_exhausted(self) -> bool:
+        return 0 <= self.max_steps <= self.global_step
+
+    def _train_epoch(self, model: Module, epoch: int, start_sample: int) -> None:
+        strategy, logs, bar = self._strategy, self._logs, self._bar
+        steps = self._train.steps_per_epoch(start_sample)
+        val_every = self._val_every(steps)
+        model.train()
+        model.on_train_epoch_start()
+        bar.start(f"Epoch {epoch}", steps)
+        self._epoch_sample = start_sample
+        batch_idx = 0
+        completed = True
+        logs.context.stage = "train"
+        for step_in_epoch, (step_samples, micro_batches) in enumerate(self._train.epoch(epoch, start_sample)):
+            logs.clear_step()
+            for micro, is_last in micro_batches:
+                counts = [count for count, _ in micro]
+                weights = [loss_weight(c, step_samples, strategy.gradient_averaging) for c in counts]
+                strategy.sync_gradients(is_last)
+                with self._autocast():
+                    loss = strategy.training_step([b for _, b in micro], counts, weights, batch_idx)
+                (self._scaler.scale(loss) if self._scaler else loss).backward()
+                self._recent_losses.append((self.global_step, loss.detach()))
+                batch_idx += 1
+            self._optimizer_step(epoch)
+            self._epoch_sample += step_samples
+            bar.update()
+            if self.global_step % self.log_every_n_steps == 0:
+                self._log_step(epoch)
+            if val_every and (step_in_epoch + 1) % val_every == 0 and step_in_epoch + 1 < steps:
+                self._validate_in_fit(model, epoch)
+                logs.context.stage = "train"
+            if self.ckpt_every_n_steps and self.global_step % self.ckpt_every_n_steps == 0:
+                self._save_checkpoint(model, epoch_finished=False)
+            if (self._stop_requested() or self._steps_exhausted()) and step_in_epoch + 1 < steps:
+                completed = False
+                break
+        self._end_train_epoch(model, epoch, completed)
+
+    def _optimizer_step(self, epoch: int) -> None:
+        scaler = self._scaler
+        if self.on_nonfinite_loss == "skip" and self._skip_nonfinite_step():
+            return
+        if self.gradient_clip_val is not None:
+            if scaler is not None:
+                for opt in self.optimizers:
+                    scaler.unscale_(opt)
+            if self.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(self._params, self.gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(self._params, self.gradient_clip_val)
+        self._multipliers = self.lr_plan.multipliers(self.global_step, epoch)
+        for opt, multiplier in zip(self.optimizers, self._multipliers):
+            scaled_step(opt, multiplier, (lambda o=opt: scaler.step(o)) if scaler else opt.step)
+        if scaler is not None:
+            scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.lr_scheduler_configs:
+            step_schedulers(self.lr_scheduler_configs, "step", self.global_step, self.callback_metrics)
+
+    def _skip_nonfinite_step(self) -> bool:
+        """With on_nonfinite_loss='skip': all ranks agree (one all-reduce) and skip the step together."""
+        bad = torch.tensor([float(not all(math.isfinite(float(x)) for _, x in self._recent_losses))])
+        self._recent_losses.clear()
+        dist.all_reduce(bad, "max")
+        if bad.item() == 0:
+            return False
+        self.print(f"syncstep: non-finite loss at step {self.global_step} (epoch {self.current_epoch}) on some "
+                   "rank; skipping this optimizer step on every rank.")
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self._scaler is not None:
+            self._scaler.update()
+        self.global_step += 1
+        return True
+
+    def _check_finite(self) -> None:
+        """Every rank learns the first step (since the last check) with a non-finite loss on any rank."""
+        losses = self._recent_losses
+        if self.on_nonfinite_loss == "skip":
+            return
+        bad_step = sys.maxsize
+        if losses:
+            finite = torch.stack([x.float().reshape(()) for _, x in losses]).isfinite()
+            if not bool(finite.all()):
+                bad_step = losses[int((~finite).nonzero()[0, 0])][0]
+        losses.clear()
+        # (step, rank) packed into one number so that one all-reduce names both.
+        found = torch.tensor([bad_step * 1_000_000 + self.global_rank if bad_step != sys.maxsize else 2**62],
+                             dtype=torch.int64, device=self._reduce_device())
+        dist.all_reduce(found, "min")
+        if int(found.item()) != 2**62:
+            step, rank = divmod(int(found.item()), 1_000_000)
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at optimizer step {step} (first seen on rank {rank}); every "
+                "rank stops here. Lower the learning rate, add warmup (warmup_epochs=...), clip gradients "
+                "(gradient_clip_val=...), or pass on_nonfinite_loss='skip' to skip such steps on all ranks."
+            )
+
+    def _reduce_device(self) -> torch.device:
+        return self._strategy.devices[0] if self._strategy.devices[0].type == "cuda" else torch.device("cpu")
+
+    def _log_step(self, epoch: int) -> None:
+        self._check_finite()
+        values = self._logs.step_values(dist.all_reduce if dist.initialized() else None)
+        for name, opt, multiplier in zip(self._lr_names, self.optimizers, self._multipliers):
+            lrs = effective_lrs(opt, multiplier)
+            if len(lrs) == 1:
+                values[f"lr-{name}"] = lrs[0]
+            else:
+                values.update({f"lr-{name}/pg{i + 1}": lr for i, lr in enumerate(lrs)})
+        self._update_callback_metrics(values)
+        if self.is_global_zero:
+            self._log({"epoch": epoch, **values}, self.global_step)
+            self._bar.show({k: v for k, v in values.items() if k in self._logs.prog_bar})
+
+    def _val_every(self, steps: int) -> int:
+        """Optimizer steps between validations inside an epoch (0: only at the epoch's end)."""
+        if self._val_loader is None or self.val_check_interval is None:
+            return 0
+        if isinstance(self.val_check_interval, float):
+            return max(1, int(steps * self.val_check_interval)) if self.val_check_interval < 1 else 0
+        return self.val_check_interval
+
+    def _end_train_epoch(self, model: Module, epoch: int, completed: bool) -> None:
+        self._check_finite()
+        step_values = self._logs.step_values(dist.all_reduce if dist.initialized() else None)
+        self._update_callback_metrics(step_values)
+        epoch_values = self._logs.epoch_values(dist.all_reduce, dist.union_of_names, self._reduce_device())
+        self._update_callback_metrics(epoch_values)
+        model.on_train_epoch_end()
+        if self.is_global_zero and epoch_values:
+            self._log({"epoch": epoch, **epoch_values}, self.global_step)
+        if self._val_loader is not None and (
+            self.check_val_every_n_epoch and (epoch + 1) % self.check_val_every_n_epoch == 0
+            or self._steps_exhausted()
+        ) and not self._stop_signal:
+            self._validate_in_fit(model, epoch)
+        self._bar.show({k: float(v) for k, v in self.callback_metrics.items() if k in self._logs.prog_bar})
+        self._bar.close()
+        if self.lr_scheduler_configs:
+            step_schedulers(self.lr_scheduler_configs, "epoch", epoch + 1, self.callback_metrics)
+        if self.enable_checkpointing and (
+            self._stop_signal
+            or (self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0)
+            or self._steps_exhausted()
+        ):
+            self._save_checkpoint(model, epoch_finished=completed)
+        self._flush_loggers()
+        if self._stop_signal:
+            self._bar.close()
+            self.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.global_step} in "
+                       f"{self.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            raise SystemExit(128 + signal.SIGTERM)
+
+    def _validate_in_fit(self, model: Module, epoch: int) -> None:
+        values = self._run_evaluation(self._val_loader, "validate")
+        if self.is_global_zero:
+            self._log({"epoch": epoch, **values}, self.global_step)
+        model.train()
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _run_evaluation(self, loader: Any, stage: str) -> dict[str, float]:
+        strategy, logs = self._strategy, self._logs
+        model = strategy.runner.module
+        data = EvalData(loader, strategy, self.use_distributed_sampler)
+        was_training = model.training
+        model.eval()
+        logs.context.stage = stage
+        saved_step = logs.step_entries[:]
+        bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
+        bar.start("Validation" if stage == "validate" else "Test", data.num_steps)
+        with torch.no_grad(), self._autocast():
+            for batch_idx, group in enumerate(data):
+                strategy.evaluation_step(stage, [b for _, b in group], [c for c, _ in group], batch_idx)
+                bar.update()
+        bar.close()
+        values = logs.epoch_values(dist.all_reduce, dist.union_of_names, self._reduce_device())
+        logs.step_entries[:] = saved_step
+        self._update_callback_metrics(values)
+        hook = model.on_validation_epoch_end if stage == "validate" else model.on_test_epoch_end
+        hook()
+        model.train(was_training)
+        if stage != "validate" or self._stage != "fit":
+            if self.is_global_zero and values:
+                self.print(f"{stage}: " + "  ".join(f"{k}={format_metric(v)}" for k, v in values.items()))
+        return values
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _hyperparams(self) -> dict[str, Any]:
+        b = self.batch_plan
+        return {
+            "strategy": self.strategy_name, "accelerator": self.accelerator, "world_size": b.world_size,
+            "num_nodes": self.num_nodes, "per_device_batch_size": b.per_device_batch_size,
+            "accumulate_grad_batches": b.accumulate_grad_batches, "global_batch_size": b.global_batch_size,
+            "reference_batch_size": b.reference_batch_size, "lr_scaling": self.lr_scaling,
+            "lr_factors": [o.factor for o in self.lr_plan.optimizers], "precision": self.precision,
+            "warmup_steps": self.lr_plan.warmup.length, "warmup_interval": self.lr_plan.warmup.interval,
+        }
+
+    def _checkpoint_state(self, model: Module, epoch_finished: bool) -> dict[str, Any]:
+        from syncstep import __version__
+
+        rng = dist.all_gather_object(_rng_state())
+        schedulers = [c.scheduler.state_dict() for c in self.lr_scheduler_configs]
+        for i, state in enumerate(schedulers):
+            ckpt.check_plain(state, f"lr scheduler {i} ({type(self.lr_scheduler_configs[i].scheduler).__name__})")
+        epoch = self.current_epoch + 1 if epoch_finished else self.current_epoch
+        return {
+            "syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
+            "state_dict": ckpt.strip_prefixes(model.state_dict()),
+            "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+            "lr_schedulers": schedulers,
+            "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "loop": {"epoch": epoch, "global_step": self.global_step,
+                     "epoch_sample": 0 if epoch_finished else self._epoch_sample},
+            "world": {"strategy": self.strategy_name, "num_processes": self._env.world_size,
+                      "world_size": self.batch_plan.world_size, **self._hyperparams()},
+            "shuffle_seed": self._train.shuffle_seed,
+            "rng": rng,
+        }
+
+    def _save_checkpoint(self, model: Module, epoch_finished: bool) -> None:
+        if not self.enable_checkpointing:
+            return
+        self._check_finite()
+        state = self._checkpoint_state(model, epoch_finished)
+        if self.is_global_zero:
+            directory = self.checkpoint_dir
+            name = f"epoch={self.current_epoch}-step={self.global_step}.ckpt"
+            path = os.path.join(directory, name)
+            ckpt.atomic_save(state, path)
+            ckpt.atomic_link(path, os.path.join(directory, ckpt.LAST))
+            for old in ckpt.step_checkpoints(directory)[self.keep_last:]:
+                os.remove(old)
+        dist.barrier()
+
+    def _find_checkpoint(self, ckpt_path: str) -> tuple[str | None, dict | None]:
+        if ckpt_path != "last":
+            return ckpt_path, ckpt.load(ckpt_path)
+        path, state, problems = ckpt.newest_valid(self.checkpoint_dir)
+        for problem in problems:
+            self.print(f"syncstep: skipping a checkpoint: {problem}")
+        if state is None and problems:
+            raise ckpt.CheckpointError(
+                f"ckpt_path='last': no readable checkpoint in {self.checkpoint_dir}, although some exist "
+                "(see above). Refusing to start from step 0 silently; delete them to start afresh."
+            )
+        if state is None:
+            self.print(f"syncstep: ckpt_path='last' found no checkpoint in {self.checkpoint_dir}; starting from scratch.")
+        elif problems:
+            self.print(f"syncstep: resuming from {path} instead (the newest readable checkpoint).")
+        return path, state
+
+    def _resume(self, model: Module, ckpt_path: str) -> tuple[int, int]:
+        path, state = self._find_checkpoint(ckpt_path)
+        if state is None:
+            return 0, 0
+        model.load_state_dict(state["state_dict"])
+        if len(state["optimizer_states"]) != len(self.optimizers):
+            raise ckpt.CheckpointError(
+                f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
+                f"returned {len(self.optimizers)}."
+            )
+        for opt, opt_state in zip(self.optimizers, state["optimizer_states"]):
+            opt.load_state_dict(opt_state)
+        for config, sched_state in zip(self.lr_scheduler_configs, state["lr_schedulers"]):
+            config.scheduler.load_state_dict(sched_state)
+        if self._scaler is not None and state.get("grad_scaler"):
+            self._scaler.load_state_dict(state["grad_scaler"])
+        loop, world = state["loop"], state["world"]
+        self.global_step = loop["global_step"]
+        self.current_epoch = loop["epoch"]
+        self._train.shuffle_seed = state["shuffle_seed"]
+        rng = state["rng"]
+        same_world = world["num_processes"] == self._env.world_size
+        _set_rng_state(rng[self.global_rank] if same_world and self.global_rank < len(rng) else rng[0])
+        b = self.batch_plan
+        self.print(f"syncstep: resumed from {path}: epoch {loop['epoch']}, step {loop['global_step']}, "
+                   f"{loop['epoch_sample']} samples into the epoch.")
+        if world["global_batch_size"] != b.global_batch_size or world["world_size"] != b.world_size:
+            old = ", ".join(f"{x:.6g}" for x in world.get("lr_factors", []))
+            new = ", ".join(f"{o.factor:.6g}" for o in self.lr_plan.optimizers)
+            self.print(
+                f"syncstep: the world changed since the checkpoint: world size {world['world_size']} -> "
+                f"{b.world_size}, global batch {world['global_batch_size']} -> {b.global_batch_size} "
+                f"(accumulation {world['accumulate_grad_batches']} -> {b.accumulate_grad_batches}); "
+                f"LR factor {old} -> {new}."
+            )
+        return loop["epoch"], loop["epoch_sample"]
+
+    # -- preemption -------------------------------------------------------------------------------
+    def _install_sigterm_handler(self) -> Any:
+        """On SIGTERM (preemption, SLURM's warning), save a checkpoint at the next step, then stop."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        self._stop_signal = False
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = True
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM; checked with one all-reduce per logging step."""
+        if self._env.world_size == 1:
+            return self._stop_signal
+        if self.global_step % self.log_every_n_steps:
+            return False
+        flag = torch.tensor([float(self._stop_signal)], device=self._reduce_device())
+        dist.all_reduce(flag, "max")
+        self._stop_signal = bool(flag.item())
+        return self._stop_signal
+
+
+class TrainData:
+    """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
+
+    def __init__(self, loader: Any, strategy: Any, trainer: Trainer, distributed_sampler: bool) -> None:
+        self.loader, self.strategy, self.distributed_sampler = loader, strategy, distributed_sampler
+        if distributed_sampler:
+            info = inspect_loader(loader, "train_dataloaders")
+            self.info = info
+            self.per_device_batch_size = info.batch_size
+            self.num_samples = len(info.custom_sampler) if info.custom_sampler is not None else len(info.dataset)
+        else:
+            self.info = None
+            self.per_device_batch_size = loader.batch_size
+            self.num_samples = len(loader.dataset) * len(strategy.replicas) if hasattr(loader, "dataset") else 0
+            if not isinstance(self.per_device_batch_size, int):
+                raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
+        # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
+        self.shuffle_seed = dist.broadcast_object(lambda: trainer.seed if trainer.seed is not None else 0)
+        self.layout: StepLayout | None = None
+        self.sampler: TrainBatchSampler | None = None
+        self.built: Any = None
+
+    def set_plan(self, batch: BatchPlan) -> None:
+        drop_last = self.info.drop_last if self.info else False
+        self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
+                                 batch.accumulate_grad_batches, drop_last)
+        if self.distributed_sampler:
+            self.sampler = TrainBatchSampler(self.layout, [], self.strategy.replicas)
+            self.built = rebuild_loader(self.loader, self.sampler)
+
+    def steps_per_epoch(self, start_sample: int) -> int:
+        if not self.distributed_sampler:
+            return math.ceil(len(self.loader) / (len(self.strategy.replicas) * self.layout.accumulate_grad_batches))
+        return self.layout.num_steps(start_sample)
+
+    def _order(self, epoch: int) -> list[int]:
+        info = self.info
+        if info.custom_sampler is not None:
+            return dist.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
+        return epoch_order(self.num_samples, info.shuffle, self.shuffle_seed, epoch)
+
+    def epoch(self, epoch: int, start_sample: int) -> Iterator[tuple[int, Iterator]]:
+        """Per optimizer step: (samples in the step, an iterator of (micro-batch, is_last))."""
+        if not self.distributed_sampler:
+            yield from self._epoch_as_is()
+            return
+        self.sampler.order, self.sampler.start_sample = self._order(epoch), start_sample
+        batches = iter(self.built)
+        for step_samples, step in self.sampler.plan():
+            yield step_samples, self._micro(step, batches)
+
+    @staticmethod
+    def _micro(step: list, batches: Iterator) -> Iterator:
+        last = len(step) - 1
+        for a, micro in enumerate(step):
+            yield [(count, next(batches)) for count, _ in micro], a == last
+
+    def _epoch_as_is(self) -> Iterator[tuple[int, Iterator]]:
+        """use_distributed_sampler=False: the user's loader as it is; full-batch weights (1 / A)."""
+        per_micro = len(self.strategy.replicas)
+        accumulation = self.layout.accumulate_grad_batches
+        nominal = self.layout.global_batch_size
+        batches = iter(self.loader)
+        while True:
+            micro_batches = []
+            for _ in range(accumulation):
+                group = [b for _, b in zip(range(per_micro), batches)]
+                if not group:
+                    break
+                micro_batches.append([(self.per_device_batch_size, b) for b in group])
+            if not micro_batches:
+                return
+            last = len(micro_batches) - 1
+            yield nominal, ((m, a == last) for a, m in enumerate(micro_batches))
+
+
+class EvalData:
+    """Exact evaluation batches: per step, (sample count, batch) for each replica this process feeds."""
+
+    def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool) -> None:
+        self.replicas = strategy.replicas
+        if not distributed_sampler:
+            self.loader, self.samplers = loader, None
+            self.num_steps = len(loader)
+            return
+        info = inspect_loader(loader, "evaluation dataloader")
+        if info.custom_sampler is not None:
+            raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
+        self.samplers = [EvalBatchSampler(len(info.dataset), info.batch_size, strategy.world_size, r)
+                         for r in self.replicas]
+        self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
+        self.num_steps = max(len(s) for s in self.samplers)
+
+    def __iter__(self) -> Iterator[list[tuple[int, Any]]]:
+        if self.samplers is None:
+            batches = iter(self.loader)
+            while True:
+                group = [b for _, b in zip(self.replicas, batches)]
+                if not group:
+                    return
+                yield [(_batch_size(b), b) for b in group]
+        iterators = [iter(loader) for loader in self.loaders]
+        sizes = [[len(b) for b in sampler] for sampler in self.samplers]
+        for i in range(self.num_steps):
+            group = [(sizes[r][i], next(iterators[r])) for r in range(len(iterators)) if i < len(sizes[r])]
+            yield group
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = _batch_size(item)
+            if size:
+                return size
+    return 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if installed) and torch on this process, as Lightning's seed_everything."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy
+
+        name, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+    except ImportError:
+        pass
+    return state
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy
+
+            name, keys, pos, has_gauss, gauss = state["numpy"]
+            numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+        except ImportError:
+            pass
