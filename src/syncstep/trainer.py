@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -221,6 +222,13 @@ class Trainer:
         self._env: Environment = detect_environment()
         self.accelerator, self._device_ids, self.num_devices = self._resolve_devices(accelerator, devices)
         self.strategy_name = self._resolve_strategy(strategy)
+        if self.strategy_name == "dp" and self.accelerator == "cpu" and self.num_devices > 1:
+            warnings.warn(
+                f"strategy='dp' on the CPU runs {self.num_devices} replicas in threads of one process: the "
+                "results are those of DP on GPUs, but it is no faster than one device. Use it to develop "
+                "and test; for speed on CPUs use strategy='ddp'.",
+                stacklevel=2,
+            )
         if seed is not None:
             seed_everything(seed)
 

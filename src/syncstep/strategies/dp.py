@@ -18,7 +18,6 @@ but not faster than one device.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -56,13 +55,6 @@ class DataParallelStrategy:
         self.runner: StepRunner | None = None
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(devices) - 1), thread_name_prefix="syncstep-dp")
         self.cpu = devices[0].type == "cpu"
-        if self.cpu and len(devices) > 1:
-            warnings.warn(
-                f"strategy='dp' on the CPU runs {len(devices)} replicas in threads of one process: the "
-                "results are those of DP on GPUs, but it is no faster than one device. Use it to develop "
-                "and test; for speed on CPUs use strategy='ddp'.",
-                stacklevel=2,
-            )
 
     def setup(self, runner: StepRunner) -> None:
         runner.module.to(self.devices[0])

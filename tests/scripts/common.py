@@ -1,0 +1,114 @@
+"""A tiny model and dataset shared by the test scripts and the in-process references."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import syncstep
+
+IN, HIDDEN, OUT = 8, 16, 3
+
+
+def dataset(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=g)
+    y = torch.randint(0, OUT, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def make_net(seed: int = 0, batchnorm: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(IN, HIDDEN)]
+    if batchnorm:
+        layers.append(torch.nn.BatchNorm1d(HIDDEN))
+    layers += [torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)]
+    return torch.nn.Sequential(*layers)
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(name)
+
+
+class Tiny(syncstep.Module):
+    def __init__(self, lr: float = 0.1, optimizer: str = "sgd", seed: int = 0, batchnorm: bool = False,
+                 scheduler: str | None = None, fail: dict | None = None):
+        super().__init__()
+        self.net = make_net(seed, batchnorm)
+        self.lr, self.optimizer_name, self.scheduler, self.fail = lr, optimizer, scheduler, fail or {}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        fail = self.fail
+        if fail and self.global_rank == fail.get("rank", 0) and self.global_step == fail.get("step", 0):
+            if fail["kind"] == "raise":
+                raise RuntimeError(f"injected failure at step {self.global_step}")
+            if fail["kind"] == "kill":
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fail["kind"] == "nan":
+                loss = loss * float("nan")
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        opt = make_optimizer(self.optimizer_name, self.parameters(), self.lr)
+        if self.scheduler == "step":
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+                            "interval": "step"}]
+        if self.scheduler == "cosine_epoch":
+            return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)]
+        return opt
+
+
+def loader(ds, batch_size: int, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+
+
+def reference_sgd(n: int, global_batch: int, steps: int, lr: float, order=None, epochs: int = 1,
+                  optimizer: str = "sgd", seed: int = 0, batchnorm: bool = False) -> dict:
+    """Hand-written single-process training: batches of ``global_batch`` samples in ``order``."""
+    ds = dataset(n)
+    net = make_net(seed, batchnorm)
+    opt = make_optimizer(optimizer, net.parameters(), lr)
+    done = 0
+    for epoch in range(epochs):
+        idx = list(range(n)) if order is None else order(epoch)
+        for start in range(0, n, global_batch):
+            if done == steps:
+                break
+            x, y = ds[idx[start:start + global_batch]]
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+    return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def shuffled_order(n: int, seed: int):
+    """The documented epoch order: torch.randperm(n) with a generator seeded seed + epoch."""
+    def order(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order

@@ -1,0 +1,76 @@
+"""Run a list of training configurations in turn (under any launcher) and save what they produced.
+
+Usage: python fit_configs.py configs.json   (syncstep starts the DDP processes itself)
+       torchrun --nproc-per-node=2 fit_configs.py configs.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from common import Tiny, dataset, loader  # noqa: E402
+
+import syncstep  # noqa: E402
+
+
+class Recorder:
+    """A logger object (syncstep's logger protocol) that keeps every logged row."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append({"step": step, **metrics})
+
+    def finalize(self):
+        pass
+
+
+TRAINER_KEYS = (
+    "devices", "strategy", "num_nodes", "accumulate_grad_batches", "global_batch_size", "lr_scaling",
+    "reference_batch_size", "warmup_epochs", "warmup_steps", "warmup_interval", "warmup_type",
+    "warmup_start_factor", "max_epochs", "max_steps", "seed", "gradient_clip_val", "precision",
+    "enable_checkpointing", "ckpt_every_n_steps", "ckpt_every_n_epochs", "on_nonfinite_loss", "timeout",
+    "val_check_interval", "keep_last",
+)
+
+
+def main(spec_path: str) -> None:
+    configs = json.load(open(spec_path))
+    for config in configs:
+        recorder = Recorder()
+        kwargs = {k: config[k] for k in TRAINER_KEYS if k in config}
+        kwargs.setdefault("lr_scaling", "none")
+        kwargs.setdefault("enable_checkpointing", False)
+        trainer = syncstep.Trainer(
+            accelerator="cpu", enable_progress_bar=False, logger=[recorder], log_every_n_steps=1,
+            default_root_dir=config.get("root", "."), **kwargs,
+        )
+        model = Tiny(lr=config.get("lr", 0.1), optimizer=config.get("optimizer", "sgd"),
+                     batchnorm=config.get("batchnorm", False), scheduler=config.get("scheduler"),
+                     fail=config.get("fail"))
+        train = loader(dataset(config["n"]), config["batch_size"], config.get("shuffle", False),
+                       config.get("drop_last", False))
+        val = loader(dataset(config["val_n"], seed=1), config.get("val_batch_size", 2)) if config.get("val_n") else None
+        trainer.fit(model, train, val, ckpt_path=config.get("ckpt_path"))
+        params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        name = config["name"]
+        torch.save(params, f"{name}.rank{trainer.global_rank}.pt")
+        results = {}
+        if config.get("evaluate_n"):
+            results = trainer.validate(model, loader(dataset(config["evaluate_n"], seed=2), config.get("eval_batch_size", 2)))[0]
+        if trainer.is_global_zero:
+            lrs = [row[k] for row in recorder.rows for k in row if k.startswith("lr-")]
+            torch.save({"params": params, "lrs": lrs, "rows": recorder.rows, "evaluate": results,
+                        "global_step": trainer.global_step,
+                        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
+                       f"{name}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,217 @@
+"""DDP in real processes (gloo on 127.0.0.1) against hand-written single-process references."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import dataset, make_net, reference_sgd, shuffled_order
+from helpers import clean_env, free_port, load_result, run, run_configs
+
+ATOL = 1e-6
+
+
+def assert_params_close(actual: dict, expected: dict, atol: float = ATOL) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def assert_same_on_every_rank(tmp_path, name: str, world: int = 2) -> dict:
+    ranks = [torch.load(tmp_path / f"{name}.rank{r}.pt", weights_only=True) for r in range(world)]
+    for other in ranks[1:]:
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], other[key]), f"{name}: {key} differs between ranks"
+    return ranks[0]
+
+
+BASE = {"devices": 2, "strategy": "ddp", "lr": 0.1}
+
+CONFIGS = [
+    # 2 processes x batch 4 against one process with batch 8; 5 steps, fixed order.
+    {**BASE, "name": "plain", "n": 40, "batch_size": 4, "max_steps": 5},
+    # accumulate_grad_batches=2 against batch 16.
+    {**BASE, "name": "accum", "n": 80, "batch_size": 4, "accumulate_grad_batches": 2, "max_steps": 5},
+    # Shuffled, 37 samples (the last step holds 5), 2 epochs, and an evaluation of 7 samples.
+    {**BASE, "name": "shuffled", "n": 37, "batch_size": 4, "shuffle": True, "seed": 3, "max_epochs": 2,
+     "evaluate_n": 7, "val_n": 5},
+    # 33 samples: the last step holds 1, so rank 1 runs a weight-0 batch to join the all-reduce.
+    {**BASE, "name": "lonely", "n": 33, "batch_size": 4, "max_epochs": 1},
+    # Device invariance: global batch 8 from 2 processes x 4 (accumulation derived: 1); LR scaled, warmup.
+    {**BASE, "name": "invariant", "n": 48, "batch_size": 4, "global_batch_size": 8, "lr_scaling": "auto",
+     "warmup_steps": 6, "max_epochs": 2, "shuffle": True, "seed": 5, "scheduler": "step", "optimizer": "sgd_momentum"},
+]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    started = time.monotonic()
+    result = run_configs(tmp, CONFIGS, timeout=240)
+    return tmp, result, time.monotonic() - started
+
+
+def test_ddp_equals_single_process_with_twice_the_batch(ddp_run):
+    tmp, _, _ = ddp_run
+    params = assert_same_on_every_rank(tmp, "plain")
+    assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
+
+
+def test_ddp_with_accumulation_equals_four_times_the_batch(ddp_run):
+    tmp, _, _ = ddp_run
+    params = assert_same_on_every_rank(tmp, "accum")
+    assert_params_close(params, reference_sgd(n=80, global_batch=16, steps=5, lr=0.1))
+
+
+def test_ddp_shuffled_uneven_epochs_equal_reference(ddp_run):
+    tmp, _, _ = ddp_run
+    params = assert_same_on_every_rank(tmp, "shuffled")
+    expected = reference_sgd(n=37, global_batch=8, steps=10, lr=0.1, order=shuffled_order(37, 3), epochs=2)
+    assert_params_close(params, expected)
+
+
+def test_ddp_final_step_with_one_sample_is_exact(ddp_run):
+    tmp, _, _ = ddp_run
+    params = assert_same_on_every_rank(tmp, "lonely")
+    assert_params_close(params, reference_sgd(n=33, global_batch=8, steps=5, lr=0.1))
+
+
+def test_ddp_evaluation_counts_every_sample_once(ddp_run):
+    tmp, _, _ = ddp_run
+    result = load_result(tmp / "shuffled.pt")
+    net = make_net()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in result["params"].items()})
+    x, y = dataset(7, seed=2)[:]
+    with torch.no_grad():
+        logits = net(x)
+    expected_acc = (logits.argmax(1) == y).float().mean().item()
+    expected_loss = F.cross_entropy(logits, y).item()
+    assert result["evaluate"]["val_acc"] == pytest.approx(expected_acc, abs=1e-7)
+    assert result["evaluate"]["val_loss"] == pytest.approx(expected_loss, abs=1e-6)
+
+
+def test_train_loss_epoch_is_the_mean_over_all_samples(ddp_run):
+    """train_loss_epoch (logged on_epoch) weights each batch by its size on every rank."""
+    tmp, _, _ = ddp_run
+    result = load_result(tmp / "plain.pt")
+    epoch_rows = [r for r in result["rows"] if "train_loss_epoch" in r]
+    assert len(epoch_rows) == 1
+    # Recompute: the loss of each of the 5 steps at the parameters before that step, on 8 samples.
+    ds = dataset(40)
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    losses = []
+    for s in range(5):
+        x, y = ds[s * 8:(s + 1) * 8]
+        loss = F.cross_entropy(net(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert epoch_rows[0]["train_loss_epoch"] == pytest.approx(sum(losses) / 5, abs=1e-6)
+
+
+def test_fixed_global_batch_gives_the_same_run_on_one_and_two_processes(ddp_run, tmp_path):
+    """global_batch_size=8: 1 process derives accumulation 2, 2 processes accumulation 1."""
+    tmp, _, _ = ddp_run
+    ddp = load_result(tmp / "invariant.pt")
+    single_cfg = {**CONFIGS[4], "name": "invariant_single", "devices": 1, "strategy": "auto"}
+    run_configs(tmp_path, [single_cfg], timeout=120)
+    single = load_result(tmp_path / "invariant_single.pt")
+    assert_params_close(ddp["params"], single["params"])
+    assert ddp["lrs"] == pytest.approx(single["lrs"], rel=1e-12)
+    assert len(ddp["lrs"]) == 12
+
+
+def test_every_rank_ends_equal_under_torchrun(tmp_path):
+    cfg = {**CONFIGS[0], "name": "torchrun"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    run_configs(tmp_path, [cfg], launcher=launcher, timeout=120)
+    params = assert_same_on_every_rank(tmp_path, "torchrun")
+    assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
+
+
+def test_two_node_torchrun_rendezvous(tmp_path):
+    """Two torchrun agents on 127.0.0.1, one process each: num_nodes=2, devices=1."""
+    import subprocess
+
+    from helpers import SCRIPTS
+
+    cfg = {**CONFIGS[0], "name": "twonode", "devices": 1, "num_nodes": 2}
+    spec = tmp_path / "spec.json"
+    import json
+
+    spec.write_text(json.dumps([cfg]))
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+               str(SCRIPTS / "fit_configs.py"), str(spec)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        import os
+        import signal
+
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    params = assert_same_on_every_rank(tmp_path, "twonode")
+    assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
+
+
+def test_slurm_environment_is_detected(tmp_path):
+    """Two processes with the variables srun sets (no SLURM here, so we play srun)."""
+    import json
+    import subprocess
+
+    from helpers import SCRIPTS
+
+    cfg = {**CONFIGS[0], "name": "slurm"}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([cfg]))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = clean_env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                        SLURM_NNODES="1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="train",
+                        SLURM_STEP_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / "fit_configs.py"), str(spec)], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        import os
+        import signal
+
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    params = assert_same_on_every_rank(tmp_path, "slurm")
+    assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
+
+
+def test_a_rank_that_raises_ends_the_run_with_its_traceback(tmp_path):
+    cfg = {**CONFIGS[0], "name": "raises", "max_steps": 50, "n": 400, "fail": {"rank": 1, "step": 3, "kind": "raise"}}
+    started = time.monotonic()
+    result = run_configs(tmp_path, [cfg], timeout=90, check=False)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert elapsed < 60
+    assert "injected failure at step 3" in result.stdout
+    assert "rank 1" in result.stdout
+    assert "Traceback" in result.stdout
