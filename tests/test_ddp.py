@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+
 from common import dataset, make_net, reference_sgd, shuffled_order
-from helpers import clean_env, free_port, load_result, run, run_configs
+from helpers import clean_env, free_port, load_result, run_configs
 
 ATOL = 1e-6
 

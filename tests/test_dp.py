@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
-from test_ddp import assert_params_close
 
 import syncstep
+from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
+from test_ddp import assert_params_close
 
 
 def fit_dp(k: int, n: int, batch_size: int, **kwargs) -> tuple[Tiny, syncstep.Trainer]:

@@ -159,3 +159,29 @@ def check_plain(obj: Any, where: str) -> None:
         "refuses. Schedulers built from lambdas are fine (their state is saved without the lambda); use "
         "plain numbers and tensors in any state you add."
     )
+
+
+def describe(path: str, checkpoint: dict, tensors: bool = False) -> str:
+    """A human-readable summary of a checkpoint (what ``syncstep inspect`` prints)."""
+    meta, loop, world = checkpoint["syncstep"], checkpoint.get("loop", {}), checkpoint.get("world", {})
+    state = checkpoint["state_dict"]
+    numel = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    lines = [
+        f"{path}",
+        f"  syncstep {meta.get('version')} (format {meta.get('format')}), {os.path.getsize(path):,} bytes",
+        f"  epoch {loop.get('epoch')}, global step {loop.get('global_step')}, "
+        f"{loop.get('epoch_sample')} samples into the epoch",
+        f"  strategy {world.get('strategy')}, {world.get('num_processes')} process(es), world size "
+        f"{world.get('world_size')}, per-device batch {world.get('per_device_batch_size')} x accumulation "
+        f"{world.get('accumulate_grad_batches')} = global batch {world.get('global_batch_size')} "
+        f"(reference {world.get('reference_batch_size')})",
+        f"  lr_scaling {world.get('lr_scaling')}, factors {world.get('lr_factors')}, warmup "
+        f"{world.get('warmup_steps')} ({world.get('warmup_interval')}), precision {world.get('precision')}",
+        f"  model: {len(state)} tensors, {numel:,} values; {len(checkpoint.get('optimizer_states', []))} "
+        f"optimizer(s), {len(checkpoint.get('lr_schedulers', []))} scheduler(s)",
+    ]
+    if tensors:
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                lines.append(f"    {name}: {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}")
+    return "\n".join(lines)

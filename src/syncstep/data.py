@@ -157,7 +157,7 @@ def inspect_loader(loader: DataLoader, what: str) -> LoaderInfo:
             "trainer.global_rank) and pass Trainer(use_distributed_sampler=False)."
         )
     batch_sampler = loader.batch_sampler
-    if loader.batch_size is None or not isinstance(batch_sampler, BatchSampler) or type(batch_sampler) is not BatchSampler:
+    if loader.batch_size is None or type(batch_sampler) is not BatchSampler:
         raise ValueError(
             f"the {what} uses a custom batch_sampler (or batch_size=None); syncstep builds the batches "
             "itself so that replicas split each step exactly. Pass batch_size= (and a sampler= if you "

@@ -94,7 +94,9 @@ def _check_optimizers(optimizers: list) -> None:
         raise ValueError("configure_optimizers returned no optimizer; syncstep needs one to train.")
     for opt in optimizers:
         if not isinstance(opt, Optimizer):
-            raise TypeError(f"configure_optimizers returned {type(opt).__name__}, which is not a torch.optim.Optimizer.")
+            raise TypeError(
+                f"configure_optimizers returned {type(opt).__name__}, which is not a torch.optim.Optimizer."
+            )
 
 
 def step_schedulers(
@@ -147,3 +149,29 @@ def unique_parameters(optimizers: list[Optimizer]) -> list[torch.Tensor]:
                     seen.add(id(p))
                     params.append(p)
     return params
+
+
+def simulate_lrs(optimizers: list[Optimizer], configs: list[SchedulerConfig], lr_plan: Any, names: list[str],
+                 steps_per_epoch: int, total_steps: int, params: list[torch.Tensor]) -> dict[str, list[float]]:
+    """The effective LR (first param group) at every step, from copies of the optimizers and schedulers.
+
+    The copies share the parameters (nothing big is copied) and leave the originals untouched.
+    ReduceLROnPlateau depends on metrics not known in advance; it is taken as constant here.
+    """
+    import copy
+    import warnings
+
+    memo = {id(p): p for p in params}
+    optimizers, configs = copy.deepcopy((optimizers, configs), memo)
+    lrs: dict[str, list[float]] = {f"lr-{name}": [] for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+        for step in range(total_steps):
+            epoch = step // max(steps_per_epoch, 1)
+            for name, opt, multiplier in zip(names, optimizers, lr_plan.multipliers(step, epoch)):
+                lrs[f"lr-{name}"].append(float(opt.param_groups[0]["lr"]) * multiplier)
+            plain = [c for c in configs if not isinstance(c.scheduler, ReduceLROnPlateau)]
+            step_schedulers(plain, "step", step + 1, {})
+            if (step + 1) % max(steps_per_epoch, 1) == 0:
+                step_schedulers(plain, "epoch", epoch + 1, {})
+    return lrs

@@ -54,7 +54,14 @@ from syncstep.metrics import (
     tensorboard_available,
 )
 from syncstep.module import Module
-from syncstep.optim import effective_lrs, parse_optimizers, scaled_step, step_schedulers, unique_parameters
+from syncstep.optim import (
+    effective_lrs,
+    parse_optimizers,
+    scaled_step,
+    simulate_lrs,
+    step_schedulers,
+    unique_parameters,
+)
 from syncstep.plan import (
     LR_SCALING_RULES,
     BatchPlan,
@@ -171,7 +178,9 @@ class Trainer:
             raise ValueError(f"precision={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'.")
         if lr_scaling not in LR_SCALING_RULES:
             raise ValueError(f"lr_scaling={lr_scaling!r} is not one of {LR_SCALING_RULES}.")
-        if gradient_clip_val is not None and (not isinstance(gradient_clip_val, (int, float)) or gradient_clip_val <= 0):
+        if gradient_clip_val is not None and (
+            not isinstance(gradient_clip_val, (int, float)) or gradient_clip_val <= 0
+        ):
             raise ValueError(f"gradient_clip_val must be a number > 0, got {gradient_clip_val!r}.")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}.")
@@ -272,6 +281,11 @@ class Trainer:
         return self._env.global_rank == 0
 
     @property
+    def stage(self) -> str | None:
+        """What the trainer is running: "fit", "validate", "test", or None between calls."""
+        return self._stage
+
+    @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.default_root_dir, "checkpoints")
 
@@ -343,7 +357,9 @@ class Trainer:
         if strategy == "auto":
             strategy = "single" if n == 1 and nodes == 1 and env.world_size == 1 else "ddp"
         if strategy == "single" and (n > 1 or nodes > 1):
-            raise ValueError(f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'.")
+            raise ValueError(
+                f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'."
+            )
         if strategy == "dp":
             if nodes > 1:
                 raise ValueError(
@@ -387,6 +403,9 @@ class Trainer:
         val = val_dataloaders if val_dataloaders is not None else model.val_dataloader()
         self._check_loaders(train, "train_dataloaders")
         self._check_loaders(val, "val_dataloaders")
+        if os.environ.get("SYNCSTEP_LR_PLOT"):  # `syncstep lr-plot script.py`: draw the plan, do not train
+            self._plot_lr_schedule(model, train, os.environ["SYNCSTEP_LR_PLOT"])
+            raise SystemExit(0)
         self._launch_if_needed()
         with self._running(model, "fit"):
             self._fit(model, train, val, ckpt_path)
@@ -548,9 +567,61 @@ class Trainer:
             self.callback_metrics[name] = torch.tensor(value, dtype=torch.float64)
 
     # -- fit --------------------------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        """Model replicas that each take a per-device batch: the k of the global batch."""
+        if self.strategy_name == "single":
+            return 1
+        return self.num_devices * (self.num_nodes if self.strategy_name != "dp" else 1)
+
+    def _make_plan(self, model: Module, train_loader: Any) -> None:
+        """Optimizers, the data layout and the batch / LR arithmetic, derived once, before any step."""
+        self.optimizers, self.lr_scheduler_configs = parse_optimizers(model.configure_optimizers())
+        self._train = TrainData(train_loader, self, self.use_distributed_sampler)
+        batch = plan_batch(self._train.per_device_batch_size, self.num_replicas, self.accumulate_grad_batches,
+                           self.global_batch_size, self.reference_batch_size)
+        self.batch_plan = batch
+        self._train.set_layout(batch)
+        self._steps_per_epoch = self._train.steps_per_epoch(0)
+        total = self._steps_per_epoch * self.max_epochs if self.max_epochs is not None else self.max_steps
+        self._total_steps = min(total, self.max_steps) if self.max_steps >= 0 else total
+        warmup = resolve_warmup(**self._warmup_args, steps_per_epoch=self._steps_per_epoch,
+                                total_steps=self._total_steps, batch=batch)
+        self.lr_plan = plan_lr(self.optimizers, self.lr_scaling, batch, warmup)
+        self._lr_names = optimizer_names(self.optimizers)
+
+    def lr_schedule(self, model: Module, train_dataloaders: Any = None) -> dict[str, list[float]]:
+        """The effective LR of every optimizer step this run would take, without training or launching.
+
+        Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
+        the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
+        """
+        self._check_module(model)
+        loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
+        self._check_loaders(loader, "train_dataloaders")
+        self._make_plan(model, loader)
+        return simulate_lrs(self.optimizers, self.lr_scheduler_configs, self.lr_plan, self._lr_names,
+                            self._steps_per_epoch, self._total_steps, list(model.parameters()))
+
+    def _summary(self) -> str:
+        return summary(strategy=self.strategy_name, accelerator=self.accelerator, devices=self.num_devices,
+                       num_nodes=self.num_nodes, batch=self.batch_plan, lr=self.lr_plan,
+                       steps_per_epoch=self._steps_per_epoch, total_steps=self._total_steps,
+                       requested_rule=self.lr_scaling)
+
+    def _plot_lr_schedule(self, model: Module, loader: Any, out_png: str) -> None:
+        from syncstep.plots import plot_lr_schedule
+
+        lrs = self.lr_schedule(model, loader)
+        print(self._summary())
+        plot_lr_schedule(lrs, out_png, steps_per_epoch=self._steps_per_epoch)
+        print(f"syncstep: LR schedule of {self._total_steps} steps written to {out_png}")
+
     def _fit(self, model: Module, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:
         strategy = self._strategy
-        self.optimizers, self.lr_scheduler_configs = parse_optimizers(model.configure_optimizers())
+        self._make_plan(model, train_loader)
+        self._train.set_replicas(strategy.replicas)
+        assert self.batch_plan.world_size == strategy.world_size, (self.batch_plan.world_size, strategy.world_size)
         self._scaler = torch.amp.GradScaler(strategy.devices[0].type) if self.precision == "16-mixed" else None
         self._params = unique_parameters(self.optimizers)
         self._val_loader = val_loader
@@ -558,30 +629,13 @@ class Trainer:
             self.print("syncstep: validation data was given but the model defines no validation_step; skipping it.")
             self._val_loader = None
 
-        # The data plan and the batch / LR arithmetic, derived once.
-        self._train = TrainData(train_loader, strategy, self, self.use_distributed_sampler)
-        batch = plan_batch(self._train.per_device_batch_size, strategy.world_size, self.accumulate_grad_batches,
-                           self.global_batch_size, self.reference_batch_size)
-        self.batch_plan = batch
-        self._train.set_plan(batch)
-        steps_per_epoch = self._train.steps_per_epoch(0)
-        total_steps = steps_per_epoch * self.max_epochs if self.max_epochs is not None else self.max_steps
-        if self.max_steps >= 0:
-            total_steps = min(total_steps, self.max_steps)
-        warmup = resolve_warmup(**self._warmup_args, steps_per_epoch=steps_per_epoch,
-                                total_steps=total_steps, batch=batch)
-        self.lr_plan = plan_lr(self.optimizers, self.lr_scaling, batch, warmup)
-        self._lr_names = optimizer_names(self.optimizers)
-
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
             start_epoch, start_sample = self._resume(model, ckpt_path)
 
         if self._max_epochs_defaulted:
             self.print("syncstep: neither max_epochs nor max_steps was set; training for max_epochs=1000.")
-        self.print(summary(strategy=self.strategy_name, accelerator=self.accelerator, devices=self.num_devices,
-                           num_nodes=self.num_nodes, batch=batch, lr=self.lr_plan, steps_per_epoch=steps_per_epoch,
-                           total_steps=total_steps, requested_rule=self.lr_scaling))
+        self.print(self._summary())
         self._make_loggers()
         for logger in self._loggers:
             if hasattr(logger, "log_hyperparams"):
@@ -792,9 +846,8 @@ class Trainer:
         hook = model.on_validation_epoch_end if stage == "validate" else model.on_test_epoch_end
         hook()
         model.train(was_training)
-        if stage != "validate" or self._stage != "fit":
-            if self.is_global_zero and values:
-                self.print(f"{stage}: " + "  ".join(f"{k}={format_metric(v)}" for k, v in values.items()))
+        if (stage != "validate" or self._stage != "fit") and values:
+            self.print(f"{stage}: " + "  ".join(f"{k}={format_metric(v)}" for k, v in values.items()))
         return values
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -858,7 +911,8 @@ class Trainer:
                 "(see above). Refusing to start from step 0 silently; delete them to start afresh."
             )
         if state is None:
-            self.print(f"syncstep: ckpt_path='last' found no checkpoint in {self.checkpoint_dir}; starting from scratch.")
+            self.print(f"syncstep: ckpt_path='last' found no checkpoint in {self.checkpoint_dir}; "
+                       "starting from scratch.")
         elif problems:
             self.print(f"syncstep: resuming from {path} instead (the newest readable checkpoint).")
         return path, state
@@ -927,8 +981,9 @@ class Trainer:
 class TrainData:
     """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
 
-    def __init__(self, loader: Any, strategy: Any, trainer: Trainer, distributed_sampler: bool) -> None:
-        self.loader, self.strategy, self.distributed_sampler = loader, strategy, distributed_sampler
+    def __init__(self, loader: Any, trainer: Trainer, distributed_sampler: bool) -> None:
+        self.loader, self.distributed_sampler = loader, distributed_sampler
+        self.replicas_per_process = trainer.num_devices if trainer.strategy_name == "dp" else 1
         if distributed_sampler:
             info = inspect_loader(loader, "train_dataloaders")
             self.info = info
@@ -937,26 +992,30 @@ class TrainData:
         else:
             self.info = None
             self.per_device_batch_size = loader.batch_size
-            self.num_samples = len(loader.dataset) * len(strategy.replicas) if hasattr(loader, "dataset") else 0
             if not isinstance(self.per_device_batch_size, int):
                 raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
+            self.num_samples = 0  # unknown: the loader decides
         # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
         self.shuffle_seed = dist.broadcast_object(lambda: trainer.seed if trainer.seed is not None else 0)
         self.layout: StepLayout | None = None
         self.sampler: TrainBatchSampler | None = None
+        self.replicas: list[int] = []
         self.built: Any = None
 
-    def set_plan(self, batch: BatchPlan) -> None:
+    def set_layout(self, batch: BatchPlan) -> None:
         drop_last = self.info.drop_last if self.info else False
         self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
                                  batch.accumulate_grad_batches, drop_last)
+
+    def set_replicas(self, replicas: list[int]) -> None:
+        self.replicas = replicas
         if self.distributed_sampler:
-            self.sampler = TrainBatchSampler(self.layout, [], self.strategy.replicas)
+            self.sampler = TrainBatchSampler(self.layout, [], replicas)
             self.built = rebuild_loader(self.loader, self.sampler)
 
     def steps_per_epoch(self, start_sample: int) -> int:
         if not self.distributed_sampler:
-            return math.ceil(len(self.loader) / (len(self.strategy.replicas) * self.layout.accumulate_grad_batches))
+            return math.ceil(len(self.loader) / (self.replicas_per_process * self.layout.accumulate_grad_batches))
         return self.layout.num_steps(start_sample)
 
     def _order(self, epoch: int) -> list[int]:
@@ -983,7 +1042,7 @@ class TrainData:
 
     def _epoch_as_is(self) -> Iterator[tuple[int, Iterator]]:
         """use_distributed_sampler=False: the user's loader as it is; full-batch weights (1 / A)."""
-        per_micro = len(self.strategy.replicas)
+        per_micro = self.replicas_per_process
         accumulation = self.layout.accumulate_grad_batches
         nominal = self.layout.global_batch_size
         batches = iter(self.loader)

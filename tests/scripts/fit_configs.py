@@ -13,9 +13,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from common import Tiny, dataset, loader  # noqa: E402
 
 import syncstep  # noqa: E402
+from common import Tiny, dataset, loader  # noqa: E402
 
 
 class Recorder:
@@ -41,7 +41,8 @@ TRAINER_KEYS = (
 
 
 def main(spec_path: str) -> None:
-    configs = json.load(open(spec_path))
+    with open(spec_path) as f:
+        configs = json.load(f)
     for config in configs:
         recorder = Recorder()
         kwargs = {k: config[k] for k in TRAINER_KEYS if k in config}
@@ -63,7 +64,8 @@ def main(spec_path: str) -> None:
         torch.save(params, f"{name}.rank{trainer.global_rank}.pt")
         results = {}
         if config.get("evaluate_n"):
-            results = trainer.validate(model, loader(dataset(config["evaluate_n"], seed=2), config.get("eval_batch_size", 2)))[0]
+            evaluate = loader(dataset(config["evaluate_n"], seed=2), config.get("eval_batch_size", 2))
+            results = trainer.validate(model, evaluate)[0]
         if trainer.is_global_zero:
             lrs = [row[k] for row in recorder.rows for k in row if k.startswith("lr-")]
             torch.save({"params": params, "lrs": lrs, "rows": recorder.rows, "evaluate": results,

@@ -49,7 +49,9 @@ class DDPStrategy:
         # manager around forward and backward (nanoGPT does the same).
         self.ddp.require_backward_grad_sync = enabled
 
-    def training_step(self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+    ) -> torch.Tensor:
         loss = extract_loss(self.ddp("train", self._move(batches[0]), batch_idx, counts[0]))
         return loss if weights[0] == 1.0 else loss * weights[0]
 

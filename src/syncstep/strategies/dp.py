@@ -101,7 +101,9 @@ class DataParallelStrategy:
         first = run(0)
         return [first] + [f.result() for f in futures]
 
-    def training_step(self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+    ) -> torch.Tensor:
         # Replicas without a real sample (only at the very end of an epoch) are simply not run.
         n = sum(1 for c in counts if c > 0)
         outputs = self._parallel_apply("train", batches[:n], counts[:n], batch_idx)

@@ -28,7 +28,9 @@ class SingleDeviceStrategy:
     def _move(self, batch: Any) -> Any:
         return batch if self.devices[0].type == "cpu" else move_to_device(batch, self.devices[0])
 
-    def training_step(self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+    ) -> torch.Tensor:
         loss = extract_loss(self.runner("train", self._move(batches[0]), batch_idx, counts[0]))
         return loss if weights[0] == 1.0 else loss * weights[0]
 

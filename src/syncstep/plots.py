@@ -1,0 +1,63 @@
+"""PNG plots of a run's metrics and of an LR schedule (matplotlib, imported only here)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(csv_path: str) -> list[dict[str, float]]:
+    with open(csv_path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def plot_metrics(csv_path: str, out_png: str, loss: str = "train_loss", metric: str = "val_acc") -> str:
+    """Training loss per logged step and a validation metric per epoch, side by side."""
+    rows = read_metrics(csv_path)
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [(r["step"], r[loss]) for r in rows if loss in r]
+    if steps:
+        left.plot(*zip(*steps), color="tab:blue")
+    left.set(title=f"{loss} (per logged step)", xlabel="optimizer step", ylabel=loss)
+    left.grid(alpha=0.3)
+    epochs = [(r["epoch"], r[metric]) for r in rows if metric in r]
+    if epochs:
+        right.plot([e + 1 for e, _ in epochs], [v for _, v in epochs], marker="o", color="tab:green")
+    right.set(title=f"{metric} (per epoch)", xlabel="epoch", ylabel=metric)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_lr_schedule(lrs: dict[str, list[float]], out_png: str, steps_per_epoch: int | None = None,
+                     title: str = "learning rate per optimizer step") -> str:
+    """The effective LR (after scaling and warmup) of each optimizer at every step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, values in lrs.items():
+        ax.plot(range(len(values)), values, label=name)
+    if steps_per_epoch:
+        total = max((len(v) for v in lrs.values()), default=0)
+        for boundary in range(steps_per_epoch, total, steps_per_epoch):
+            ax.axvline(boundary, color="0.85", linewidth=0.8, zorder=0)
+    ax.set(title=title, xlabel="optimizer step", ylabel="learning rate")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
