@@ -134,14 +134,20 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _main_module() -> str | None:
+    """The module name when the program was started with ``python -m name``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else None
+
+
 def can_self_launch() -> str | None:
     """Why the script cannot be started again in worker processes, or None if it can."""
     script = sys.argv[0] if sys.argv else ""
     if not script or script in ("-c", "-m") or not os.path.isfile(script):
         return "it is not running from a script file (an interactive session, a notebook or python -c)"
-    name = os.path.basename(script)
-    if name.startswith(("pytest", "py.test", "ipykernel", "jupyter")):
-        return f"it is running under {name}"
+    runner = _main_module() or os.path.basename(script)
+    if runner.startswith(("pytest", "py.test", "_pytest", "ipykernel", "jupyter")):
+        return f"it is running under {runner.split('.')[0]}"
     return None
 
 
@@ -169,7 +175,7 @@ def self_launch(nprocs: int) -> None:
             f"--rdzv-id={uuid.uuid4()}",
             "--max-restarts=0",
             "--monitor-interval=0.1",
-            sys.argv[0],
+            *(["--module", _main_module().removesuffix(".__main__")] if _main_module() else [sys.argv[0]]),
             *sys.argv[1:],
         ]
     )

@@ -251,7 +251,8 @@ def plan_lr(optimizers: list, rule: str, batch: BatchPlan, warmup: Warmup) -> LR
     scalings = []
     for name, opt in zip(optimizer_names(optimizers), optimizers):
         resolved = resolve_rule(rule, opt)
-        lrs = tuple(float(group["lr"]) for group in opt.param_groups)
+        # A scheduler's base LR (initial_lr) if there is one: the LR the user wrote.
+        lrs = tuple(float(group.get("initial_lr", group["lr"])) for group in opt.param_groups)
         scalings.append(OptimizerScaling(name, resolved, lr_factor(resolved, batch.k), lrs))
     return LRPlan(tuple(scalings), warmup)
 

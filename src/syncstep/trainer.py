@@ -499,7 +499,8 @@ class Trainer:
         finally:
             self._bar.close()
             for logger in self._loggers:
-                logger.finalize()
+                if hasattr(logger, "finalize"):
+                    logger.finalize()
             self._loggers = []
             self._strategy.teardown()
             self._stage = None
