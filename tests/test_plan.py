@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from common import Tiny, dataset, loader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import syncstep
+from common import Tiny, dataset, loader
 from syncstep.plan import Warmup, lr_factor, plan_batch, resolve_rule, warmup_multiplier
 
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
-from test_ddp import assert_params_close
 from torch.utils.data import DataLoader, IterableDataset
 
 import syncstep
+from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
+from test_ddp import assert_params_close
 
 
 def trainer(**kwargs) -> syncstep.Trainer:
