@@ -3,12 +3,12 @@
 - Under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), and
   under SLURM's ``srun``, the processes exist already: we read our place from the environment.
 - From a plain ``python train.py`` with ``devices > 1`` and ``strategy="ddp"``, syncstep starts the
-  processes itself with ``torch.distributed.run`` (the code behind ``torchrun``), run in this
-  process: the script runs again from the top in each worker, as it would under torchrun, and this
-  process waits for them and exits with their status. Its rendezvous listens on 127.0.0.1 only.
-
-``torch.distributed.run`` also gives us failure handling: when one worker dies or raises, the others
-are stopped at once and the failed rank's traceback is reported, instead of a hang on a collective.
+  processes itself: the script runs again from the top in each worker, as it would under torchrun,
+  and this process waits for them and exits with their status. The workers meet through a
+  ``torch.distributed.FileStore`` in a private directory rather than torchrun's TCPStore, because a
+  TCPStore listens on every network interface and a single-machine run should open no port to the
+  network. When one worker dies or raises, the others are stopped at once (as torchrun does) and the
+  failed rank's traceback is shown, instead of a hang on a collective.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import re
 import socket
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,7 +26,7 @@ import torch
 
 @dataclass(frozen=True)
 class Environment:
-    source: str  # "local" (nothing launched us), "torchrun" or "slurm"
+    source: str  # "local" (nothing launched us), "syncstep" (self_launch), "torchrun" or "slurm"
     world_size: int = 1
     global_rank: int = 0
     local_rank: int = 0
@@ -47,6 +46,9 @@ def _slurm_managed(env: dict) -> bool:
 
 def detect_environment(env: dict | None = None) -> Environment:
     env = dict(os.environ if env is None else env)
+    if "SYNCSTEP_FILE_STORE" in env:  # started by syncstep's own launcher (self_launch)
+        world = int(env["WORLD_SIZE"])
+        return Environment("syncstep", world, int(env["RANK"]), int(env["LOCAL_RANK"]), world, 0, 1)
     if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         world = int(env["WORLD_SIZE"])
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
@@ -91,12 +93,6 @@ def _export_slurm_rendezvous(env: Environment) -> None:
                       LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _loopback_interface() -> str | None:
     for _, name in socket.if_nameindex():
         if name == "lo" or name.startswith("lo"):
@@ -112,15 +108,19 @@ def init_process_group(env: Environment, device: torch.device, timeout: timedelt
         return
     if env.source == "slurm":
         _export_slurm_rendezvous(env)
-    if device.type == "cpu" and env.num_nodes == 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # One machine: keep gloo's connections on the loopback interface, never the network.
+    if env.num_nodes == 1:
+        # One machine: keep gloo's and NCCL's own connections on the loopback interface.
         name = _loopback_interface()
         if name:
-            os.environ["GLOO_SOCKET_IFNAME"] = name
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if env.source == "local":  # strategy="ddp" on one device, nothing launched: a world of one
-        kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif env.source == "syncstep":
+        kwargs.update(store=dist.FileStore(os.environ["SYNCSTEP_FILE_STORE"], env.world_size),
+                      rank=env.global_rank, world_size=env.world_size)
     dist.init_process_group(backend, timeout=timeout, **kwargs)
     import atexit
 
@@ -152,38 +152,110 @@ def can_self_launch() -> str | None:
 
 
 def self_launch(nprocs: int) -> None:
-    """Run this script in ``nprocs`` worker processes via torch.distributed.run; never returns."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    """Run this script in ``nprocs`` worker processes on this machine and wait for them; never returns.
+
+    The workers meet through a FileStore in a private temporary directory, so the launch opens no
+    network port at all (torchrun's TCPStore listens on every interface); gloo's own connections stay
+    on the loopback interface. If a worker fails or is killed, the others are stopped at once
+    (SIGTERM, then SIGKILL after a grace period) and this process exits with the failure's code.
+    """
+    import signal
+    import tempfile
+    import time
 
     if "OMP_NUM_THREADS" not in os.environ:
-        # torchrun would set 1 (with a warning); share the cores out between the workers instead.
+        # Share the cores out between the workers (torchrun would set 1).
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
+    module = _main_module()
+    target = ["-m", module.removesuffix(".__main__")] if module else [sys.argv[0]]
+    command = [sys.executable, "-u", *target, *sys.argv[1:]]
+    workdir = tempfile.mkdtemp(prefix="syncstep-launch-")  # mode 0700: only this user can join
     print(
-        f"syncstep: starting {nprocs} processes (torch.distributed.run on 127.0.0.1, "
-        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); the script runs again in each of them, "
-        "and this process waits for them.",
+        f"syncstep: starting {nprocs} processes on this machine (OMP_NUM_THREADS="
+        f"{os.environ['OMP_NUM_THREADS']} each); the script runs again from the top in each of them, and "
+        "this process waits for them.",
         file=sys.stderr,
         flush=True,
     )
-    args = parse_args(
-        [
-            f"--nproc-per-node={nprocs}",
-            "--nnodes=1",
-            "--rdzv-backend=c10d",
-            "--rdzv-endpoint=127.0.0.1:0",
-            f"--rdzv-id={uuid.uuid4()}",
-            "--max-restarts=0",
-            "--monitor-interval=0.1",
-            *(["--module", _main_module().removesuffix(".__main__")] if _main_module() else [sys.argv[0]]),
-            *sys.argv[1:],
-        ]
-    )
+    base = dict(os.environ, SYNCSTEP_FILE_STORE=os.path.join(workdir, "store"), SYNCSTEP_ERROR_DIR=workdir,
+                WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
+    workers = [subprocess.Popen(command, env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nprocs)]
+
+    def stop(signum: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            try:
+                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+    def forward(signum: int, frame: object) -> None:  # Ctrl-C or a scheduler's SIGTERM: pass it on
+        stop(signum, grace=30.0)
+        _remove(workdir)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    failure = None
+    while failure is None and any(w.poll() is None for w in workers):
+        failure = next(((r, w.returncode) for r, w in enumerate(workers) if w.returncode not in (None, 0)), None)
+        time.sleep(0.05)
+    if failure is None:
+        failure = next(((r, w.returncode) for r, w in enumerate(workers) if w.returncode != 0), None)
+    if failure is not None:
+        # Collect what exited on its own before we stop the rest: a rank killed by a signal we did not
+        # send is the root cause; otherwise the earliest error a rank recorded (see write_error_file).
+        died = {r: w.returncode for r, w in enumerate(workers) if w.returncode not in (None, 0)}
+        stop()
+        errors = read_error_files(workdir)
+        killed = [r for r, code in died.items() if code < 0]
+        if killed:
+            rank, what = killed[0], f"was killed by {signal.Signals(-died[killed[0]]).name}"
+        elif errors:
+            rank = min(errors.items(), key=lambda item: item[1]["time"])[0]
+            what = f"failed first: {errors[rank]['error']}"
+        else:
+            rank, what = failure[0], f"exited with code {failure[1]}"
+        print(f"syncstep: rank {rank} {what}; the other processes were stopped. Its traceback, if any, is "
+              f"above (lines prefixed [rank{rank}]).", file=sys.stderr, flush=True)
+    _remove(workdir)
+    sys.exit(0 if failure is None else (failure[1] if failure[1] > 0 else 128 - failure[1]))
+
+
+def write_error_file(rank: int, error: BaseException) -> None:
+    """Record a rank's failure for the launcher, which names the first rank that failed."""
+    import json
+    import time
+
+    directory = os.environ.get("SYNCSTEP_ERROR_DIR")
+    if not directory:
+        return
     try:
-        run(args)
-    except ChildFailedError as failure:
-        print(failure.format_msg(), file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(0)
+        with open(os.path.join(directory, f"error-rank{rank}.json"), "w") as f:
+            json.dump({"time": time.time(), "error": f"{type(error).__name__}: {error}"}, f)
+    except OSError:
+        pass
+
+
+def read_error_files(directory: str) -> dict[int, dict]:
+    import json
+
+    errors = {}
+    for name in os.listdir(directory):
+        if name.startswith("error-rank") and name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    errors[int(name[10:-5])] = json.load(f)
+            except (OSError, ValueError):
+                pass
+    return errors
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -43,7 +43,14 @@ from syncstep.data import (
     rebuild_loader,
     sampler_order,
 )
-from syncstep.launch import Environment, can_self_launch, detect_environment, init_process_group, self_launch
+from syncstep.launch import (
+    Environment,
+    can_self_launch,
+    detect_environment,
+    init_process_group,
+    self_launch,
+    write_error_file,
+)
 from syncstep.metrics import (
     CSVLogger,
     LogStore,
@@ -515,6 +522,7 @@ class Trainer:
                 f"{self.global_step}: {type(error).__name__}: {error}",
                 file=sys.stderr, flush=True,
             )
+        write_error_file(self.global_rank, error)
         if os.environ.get("TORCHELASTIC_ERROR_FILE") and isinstance(error, Exception):
             try:
                 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
