@@ -78,6 +78,22 @@ def atomic_link(source: str, path: str) -> None:
     _fsync_dir(directory)
 
 
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete temporary files left by a writer that crashed (its process is gone)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match = re.match(r"^\..+\.tmp-(\d+)$", name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(directory, name))
+        except PermissionError:
+            pass  # someone else's live process
+
+
 def load(path: str) -> dict:
     """Load a syncstep checkpoint safely (weights_only=True) or raise CheckpointError naming the file."""
     if not os.path.isfile(path):
@@ -85,9 +101,12 @@ def load(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _unpickler_reason(str(error))
+        if "global" not in reason.lower():  # not a forbidden object: the bytes themselves are broken
+            raise CheckpointError(f"{path} is not a readable checkpoint; it is probably corrupted ({reason}).") from None
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects other than tensors and plain data, which "
-            f"could run code when unpickled, and syncstep only loads with weights_only=True. ({error})"
+            f"could run code when unpickled, and syncstep only loads with weights_only=True ({reason})."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
         raise CheckpointError(
@@ -97,6 +116,16 @@ def load(path: str) -> dict:
     if not isinstance(checkpoint, dict) or "syncstep" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} loads, but it is not a syncstep checkpoint (no 'syncstep' metadata).")
     return checkpoint
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one informative line of torch's long weights_only error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error"):
+            rest = line.split(":", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else "unpickling failed"
 
 
 def step_checkpoints(directory: str) -> list[str]:

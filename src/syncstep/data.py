@@ -172,13 +172,17 @@ def inspect_loader(loader: DataLoader, what: str) -> LoaderInfo:
     return LoaderInfo(loader.dataset, loader.batch_size, shuffle, loader.drop_last, custom)
 
 
-def rebuild_loader(loader: DataLoader, batch_sampler: Sampler[list[int]]) -> DataLoader:
-    """A DataLoader like the user's (workers, collate, pinning, ...) but with our batch sampler."""
+def rebuild_loader(loader: DataLoader, batch_sampler: Sampler[list[int]], seed: int = 0) -> DataLoader:
+    """A DataLoader like the user's (workers, collate, pinning, ...) but with our batch sampler.
+
+    It gets a generator of its own: a DataLoader without one draws its workers' base seed from the
+    global RNG each time it is iterated, which would make a resumed run's dropout masks differ.
+    """
     settings = {name: getattr(loader, name) for name in _LOADER_SETTINGS if hasattr(loader, name)}
     if not settings.get("num_workers"):
         for name in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
             settings.pop(name, None)
-    settings.pop("generator", None)
+    settings["generator"] = torch.Generator().manual_seed(seed)
     return DataLoader(loader.dataset, batch_sampler=batch_sampler, **settings)
 
 

@@ -414,6 +414,11 @@ class Trainer:
             self._plot_lr_schedule(model, train, os.environ["SYNCSTEP_LR_PLOT"])
             raise SystemExit(0)
         self._launch_if_needed()
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if ckpt_path is None and restarts > 0 and self.enable_checkpointing:
+            # torchrun --max-restarts started this job again after a failure: carry on where it stopped.
+            self.print(f"syncstep: torchrun restart {restarts}: resuming from the last checkpoint.")
+            ckpt_path = "last"
         with self._running(model, "fit"):
             self._fit(model, train, val, ckpt_path)
 
@@ -797,28 +802,30 @@ class Trainer:
         return self.val_check_interval
 
     def _end_train_epoch(self, model: Module, epoch: int, completed: bool) -> None:
+        """Epoch metrics, validation, epoch schedulers, checkpoint.
+
+        An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
+        epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
+        resumed run steps them exactly once, as an uninterrupted run does.
+        """
         self._check_finite()
         step_values = self._logs.step_values(dist.all_reduce if dist.initialized() else None)
         self._update_callback_metrics(step_values)
         epoch_values = self._logs.epoch_values(dist.all_reduce, dist.union_of_names, self._reduce_device())
         self._update_callback_metrics(epoch_values)
-        model.on_train_epoch_end()
+        if completed:
+            model.on_train_epoch_end()
         if self.is_global_zero and epoch_values:
             self._log({"epoch": epoch, **epoch_values}, self.global_step)
-        if self._val_loader is not None and (
-            self.check_val_every_n_epoch and (epoch + 1) % self.check_val_every_n_epoch == 0
-            or self._steps_exhausted()
-        ) and not self._stop_signal:
+        due = self.check_val_every_n_epoch and (epoch + 1) % self.check_val_every_n_epoch == 0
+        if self._val_loader is not None and not self._stop_signal and ((completed and due) or self._steps_exhausted()):
             self._validate_in_fit(model, epoch)
         self._bar.show({k: float(v) for k, v in self.callback_metrics.items() if k in self._logs.prog_bar})
         self._bar.close()
-        if self.lr_scheduler_configs:
+        if self.lr_scheduler_configs and completed:
             step_schedulers(self.lr_scheduler_configs, "epoch", epoch + 1, self.callback_metrics)
-        if self.enable_checkpointing and (
-            self._stop_signal
-            or (self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0)
-            or self._steps_exhausted()
-        ):
+        due = self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0
+        if self.enable_checkpointing and (self._stop_signal or (completed and due) or self._steps_exhausted()):
             self._save_checkpoint(model, epoch_finished=completed)
         self._flush_loggers()
         if self._stop_signal:
@@ -902,6 +909,7 @@ class Trainer:
             directory = self.checkpoint_dir
             name = f"epoch={self.current_epoch}-step={self.global_step}.ckpt"
             path = os.path.join(directory, name)
+            ckpt.remove_stale_temporaries(directory)
             ckpt.atomic_save(state, path)
             ckpt.atomic_link(path, os.path.join(directory, ckpt.LAST))
             for old in ckpt.step_checkpoints(directory)[self.keep_last:]:
@@ -1039,6 +1047,7 @@ class TrainData:
             yield from self._epoch_as_is()
             return
         self.sampler.order, self.sampler.start_sample = self._order(epoch), start_sample
+        self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
         batches = iter(self.built)
         for step_samples, step in self.sampler.plan():
             yield step_samples, self._micro(step, batches)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,12 +22,14 @@ def dataset(n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def make_net(seed: int = 0, batchnorm: bool = False) -> torch.nn.Module:
+def make_net(seed: int = 0, batchnorm: bool = False, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(IN, HIDDEN)]
     if batchnorm:
         layers.append(torch.nn.BatchNorm1d(HIDDEN))
     layers += [torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)]
+    if dropout:
+        layers.insert(-1, torch.nn.Dropout(dropout))
     return torch.nn.Sequential(*layers)
 
 
@@ -39,9 +45,9 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 class Tiny(syncstep.Module):
     def __init__(self, lr: float = 0.1, optimizer: str = "sgd", seed: int = 0, batchnorm: bool = False,
-                 scheduler: str | None = None, fail: dict | None = None):
+                 scheduler: str | None = None, fail: dict | None = None, dropout: float = 0.0):
         super().__init__()
-        self.net = make_net(seed, batchnorm)
+        self.net = make_net(seed, batchnorm, dropout)
         self.lr, self.optimizer_name, self.scheduler, self.fail = lr, optimizer, scheduler, fail or {}
 
     def forward(self, x):
@@ -51,14 +57,18 @@ class Tiny(syncstep.Module):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         fail = self.fail
-        if fail and self.global_rank == fail.get("rank", 0) and self.global_step == fail.get("step", 0):
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and fail.get("first_attempt_only")
+        here = fail and self.global_rank == fail.get("rank", 0) and self.global_step == fail.get("step", 0)
+        if here and not restarted:
             if fail["kind"] == "raise":
                 raise RuntimeError(f"injected failure at step {self.global_step}")
             if fail["kind"] == "kill":
-                import os
-                import signal
-
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fail["kind"] == "sigterm":  # as a scheduler would: to the launcher (or to us if none)
+                os.kill(os.getppid() if fail.get("parent") else os.getpid(), signal.SIGTERM)
+                fail["kind"] = "done"
+            if fail["kind"] == "sleep":
+                time.sleep(fail["seconds"])
             if fail["kind"] == "nan":
                 loss = loss * float("nan")
         self.log("train_loss", loss, on_step=True, on_epoch=True)

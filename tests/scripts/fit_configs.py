@@ -54,7 +54,7 @@ def main(spec_path: str) -> None:
         )
         model = Tiny(lr=config.get("lr", 0.1), optimizer=config.get("optimizer", "sgd"),
                      batchnorm=config.get("batchnorm", False), scheduler=config.get("scheduler"),
-                     fail=config.get("fail"))
+                     fail=config.get("fail"), dropout=config.get("dropout", 0.0))
         train = loader(dataset(config["n"]), config["batch_size"], config.get("shuffle", False),
                        config.get("drop_last", False))
         val = loader(dataset(config["val_n"], seed=1), config.get("val_batch_size", 2)) if config.get("val_n") else None

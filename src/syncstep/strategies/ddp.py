@@ -7,6 +7,7 @@ hooks all-reduce the gradients during backward.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class DDPStrategy:
         device = self.devices[0]
         runner.module.to(device)
         self.runner = runner
+        warn_if_parameters_differ(runner.module, device)
         # DDP broadcasts rank 0's parameters and buffers at construction, so every replica starts equal.
         self.ddp = DistributedDataParallel(
             runner,
@@ -61,3 +63,31 @@ class DDPStrategy:
 
     def teardown(self) -> None:
         self.ddp = None
+
+
+def warn_if_parameters_differ(module: torch.nn.Module, device: torch.device) -> None:
+    """Compare a checksum of every parameter across ranks before DDP copies rank 0's to the others.
+
+    DDP would make the replicas equal anyway, but different start-up parameters mean the processes
+    did not build the model the same way (an unseeded init, rank-dependent code), which usually hides
+    other differences; say so once, on rank 0.
+    """
+    names, params = zip(*module.named_parameters()) if any(True for _ in module.parameters()) else ((), ())
+    if not params:
+        return
+    with torch.no_grad():
+        local = torch.stack([p.detach().double().sum() + p.detach().double().abs().sum() for p in params]).to(device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    if dist.get_rank() != 0:
+        return
+    differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if differing:
+        first = names[int((gathered[differing[0]] != gathered[0]).nonzero()[0, 0])]
+        warnings.warn(
+            f"model parameters differ across ranks at start-up: rank(s) {differing} differ from rank 0 (first: "
+            f"{first}). DDP copies rank 0's parameters to every rank, so training stays consistent, but the "
+            "processes did not build the model the same way: seed before building it "
+            "(syncstep.seed_everything(seed)) or load the same weights everywhere.",
+            stacklevel=2,
+        )
