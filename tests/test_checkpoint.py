@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from common import Tiny, dataset, loader
-from helpers import SCRIPTS, load_result, run, run_configs
-from test_ddp import assert_params_close, assert_same_on_every_rank
 
 import syncstep
+from common import Tiny, dataset, loader
+from helpers import SCRIPTS, load_result, run, run_configs
 from syncstep import checkpoint
+from test_ddp import assert_params_close, assert_same_on_every_rank
 
 
 def sha256(path) -> str:

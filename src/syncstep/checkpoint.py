@@ -103,7 +103,8 @@ def load(path: str) -> dict:
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(str(error))
         if "global" not in reason.lower():  # not a forbidden object: the bytes themselves are broken
-            raise CheckpointError(f"{path} is not a readable checkpoint; it is probably corrupted ({reason}).") from None
+            raise CheckpointError(f"{path} is not a readable checkpoint; it is probably corrupted ({reason}).") \
+                from None
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects other than tensors and plain data, which "
             f"could run code when unpickled, and syncstep only loads with weights_only=True ({reason})."

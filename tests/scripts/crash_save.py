@@ -14,9 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from common import Tiny, dataset, loader  # noqa: E402
 
 import syncstep  # noqa: E402
+from common import Tiny, dataset, loader  # noqa: E402
 from syncstep import checkpoint  # noqa: E402
 
 root, point = sys.argv[1], sys.argv[2]
