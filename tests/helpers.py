@@ -31,6 +31,33 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (launchers may put workers in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(cmd: list[str], timeout: float = 120, env: dict | None = None, cwd: str | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
@@ -39,18 +66,39 @@ def run(cmd: list[str], timeout: float = 120, env: dict | None = None, cwd: str 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} did not finish within {timeout} s; output:\n{out[-4000:]}") from None
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything the command left behind
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the command left behind in its group
         except ProcessLookupError:
             pass
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}; output:\n{out[-6000:]}")
     return result
+
+
+def run_together(commands: list[tuple[list[str], dict]], cwd: str, timeout: float = 150) -> list[tuple[int, str]]:
+    """Start several commands at once (e.g. one torchrun agent per "node"); (returncode, output) each."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd, env in commands]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            kill_tree(proc.pid)
+        raise AssertionError(f"commands did not finish within {timeout} s") from None
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
 
 
 def run_configs(tmp_path: Path, configs: list[dict], launcher: list[str] | None = None, timeout: float = 180,

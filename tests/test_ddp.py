@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common import dataset, make_net, reference_sgd, shuffled_order
-from helpers import clean_env, free_port, load_result, run_configs
+from helpers import SCRIPTS, clean_env, free_port, load_result, run_configs, run_together
 
 ATOL = 1e-6
 
@@ -138,70 +139,29 @@ def test_every_rank_ends_equal_under_torchrun(tmp_path):
 
 def test_two_node_torchrun_rendezvous(tmp_path):
     """Two torchrun agents on 127.0.0.1, one process each: num_nodes=2, devices=1."""
-    import subprocess
-
-    from helpers import SCRIPTS
-
-    cfg = {**CONFIGS[0], "name": "twonode", "devices": 1, "num_nodes": 2}
     spec = tmp_path / "spec.json"
-    import json
-
-    spec.write_text(json.dumps([cfg]))
+    spec.write_text(json.dumps([{**CONFIGS[0], "name": "twonode", "devices": 1, "num_nodes": 2}]))
     port = free_port()
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               str(SCRIPTS / "fit_configs.py"), str(spec)]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    try:
-        outputs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        import os
-        import signal
-
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    commands = [([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                  str(SCRIPTS / "fit_configs.py"), str(spec)], clean_env()) for node in range(2)]
+    results = run_together(commands, cwd=str(tmp_path))
+    assert [code for code, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out in results)
     params = assert_same_on_every_rank(tmp_path, "twonode")
     assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
 
 
 def test_slurm_environment_is_detected(tmp_path):
     """Two processes with the variables srun sets (no SLURM here, so we play srun)."""
-    import json
-    import subprocess
-
-    from helpers import SCRIPTS
-
-    cfg = {**CONFIGS[0], "name": "slurm"}
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps([cfg]))
+    spec.write_text(json.dumps([{**CONFIGS[0], "name": "slurm"}]))
     port = free_port()
-    procs = []
-    for rank in range(2):
-        env = clean_env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
-                        SLURM_NNODES="1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="train",
-                        SLURM_STEP_NODELIST="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / "fit_configs.py"), str(spec)], cwd=tmp_path,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
-    try:
-        outputs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        import os
-        import signal
-
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    commands = [([sys.executable, str(SCRIPTS / "fit_configs.py"), str(spec)],
+                 clean_env(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                           SLURM_NNODES="1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="train",
+                           SLURM_STEP_NODELIST="127.0.0.1", MASTER_PORT=str(port))) for rank in range(2)]
+    results = run_together(commands, cwd=str(tmp_path))
+    assert [code for code, _ in results] == [0, 0], "\n".join(out[-3000:] for _, out in results)
     params = assert_same_on_every_rank(tmp_path, "slurm")
     assert_params_close(params, reference_sgd(n=40, global_batch=8, steps=5, lr=0.1))
 

@@ -130,15 +130,16 @@ def _unpickler_reason(message: str) -> str:
 
 
 def step_checkpoints(directory: str) -> list[str]:
-    """``epoch=E-step=S.ckpt`` files in ``directory``, newest (highest step) first."""
+    """``epoch=E-step=S.ckpt`` files in ``directory``, the most recently written first."""
     if not os.path.isdir(directory):
         return []
     found = []
     for name in os.listdir(directory):
         match = _STEP_FILE.match(name)
         if match:
-            found.append((int(match.group(2)), int(match.group(1)), name))
-    return [os.path.join(directory, name) for _, _, name in sorted(found, reverse=True)]
+            path = os.path.join(directory, name)
+            found.append((os.stat(path).st_mtime_ns, int(match.group(2)), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
 
 
 def newest_valid(directory: str) -> tuple[str | None, dict | None, list[str]]:

@@ -646,6 +646,9 @@ class Trainer:
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
             start_epoch, start_sample = self._resume(model, ckpt_path)
+        elif self.enable_checkpointing and ckpt.step_checkpoints(self.checkpoint_dir):
+            self.print(f"syncstep: note: {self.checkpoint_dir} holds checkpoints of an earlier run; this run's "
+                       f"replace them (keep_last={self.keep_last}). To continue that run, pass ckpt_path='last'.")
 
         if self._max_epochs_defaulted:
             self.print("syncstep: neither max_epochs nor max_steps was set; training for max_epochs=1000.")

@@ -52,7 +52,8 @@ def main(spec_path: str) -> None:
             accelerator="cpu", enable_progress_bar=False, logger=[recorder], log_every_n_steps=1,
             default_root_dir=config.get("root", "."), **kwargs,
         )
-        model = Tiny(lr=config.get("lr", 0.1), optimizer=config.get("optimizer", "sgd"),
+        seed = int(os.environ.get("RANK", "0")) if config.get("seed_by_rank") else 0  # a careless init
+        model = Tiny(lr=config.get("lr", 0.1), optimizer=config.get("optimizer", "sgd"), seed=seed,
                      batchnorm=config.get("batchnorm", False), scheduler=config.get("scheduler"),
                      fail=config.get("fail"), dropout=config.get("dropout", 0.0))
         train = loader(dataset(config["n"]), config["batch_size"], config.get("shuffle", False),
