@@ -341,6 +341,9 @@ def test_design_note_spelling_is_corrected():
         ({"max_epochs": -1}, "max_epochs must be an int >= 0"),
         ({"val_check_interval": 1.5}, "val_check_interval"),
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches must be an int >= 1"),
+        ({"warmup_type": "cosine"}, "warmup_type='cosine' is not one of"),
+        ({"warmup_epochs": 2, "warmup_steps": 10}, "were both given; pass one"),
+        ({"warmup_interval": "epoch", "warmup_epochs": 1.5}, "whole number of warmup_epochs"),
     ],
 )
 def test_bad_arguments(kwargs, match):

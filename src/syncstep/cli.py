@@ -25,6 +25,9 @@ def _lr_plot(argv: list[str]) -> int:
     p.add_argument("--out", default="lr_schedule.png", help="PNG to write (default lr_schedule.png)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     args = p.parse_args(argv)
+    if "--out" in args.args:
+        print("syncstep lr-plot: note: --out after the script's name goes to the script; put it before the "
+              "script to choose the PNG.", file=sys.stderr)
     os.environ["SYNCSTEP_LR_PLOT"] = os.path.abspath(args.out)
     sys.argv = [args.script, *args.args]
     try:

@@ -178,7 +178,7 @@ def resolve_warmup(
     if interval not in WARMUP_INTERVALS:
         raise ValueError(f"warmup_interval={interval!r} is not one of {WARMUP_INTERVALS}.")
     if kind not in WARMUP_KINDS:
-        raise ValueError(f"warmup={kind!r} is not one of {WARMUP_KINDS}.")
+        raise ValueError(f"warmup_type={kind!r} is not one of {WARMUP_KINDS}.")
     if start_factor is not None and not (0 < start_factor <= 1):
         raise ValueError(
             f"warmup_start_factor={start_factor} must be in (0, 1]: it is the fraction of the scaled "
@@ -304,7 +304,7 @@ def summary(
         lines.append("  warmup: none")
         if any(o.factor >= 4 for o in lr.optimizers):
             lines.append(
-                "  hint: the LR grows by 4x or more; a warmup (e.g. warmup_epochs=5, Goyal et al. 2017) "
-                "avoids the early instability of a large LR."
+                "  hint: the LR grows by 4x or more; a warmup (e.g. warmup_epochs=5, Goyal et al. 2017) often "
+                "tames the early instability of a large LR, though it cannot make a too-large LR stable."
             )
     return "\n".join(lines)

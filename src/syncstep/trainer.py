@@ -218,6 +218,8 @@ class Trainer:
             warmup_steps=warmup_steps, warmup_epochs=warmup_epochs, interval=warmup_interval,
             kind=warmup_type, start_factor=warmup_start_factor,
         )
+        # Check the warmup arguments now (the real lengths need the data, known at fit()).
+        resolve_warmup(**self._warmup_args, steps_per_epoch=1, total_steps=1, batch=BatchPlan(1, 1, 1, 1))
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.val_check_interval = val_check_interval
