@@ -82,6 +82,7 @@ def test_a_collective_timeout_names_the_rank_and_ends_the_run(tmp_path):
     assert result.returncode != 0 and elapsed < 60
     assert "syncstep: rank 0 failed in fit at epoch 0, step 2" in result.stdout
     assert "imed out" in result.stdout  # gloo: "Timed out waiting ... for recv operation"
+    assert "A collective timed out: rank(s) [1] never reached it" in result.stdout
 
 
 def test_parameters_that_differ_across_ranks_at_start_are_reported(tmp_path):

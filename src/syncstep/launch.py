@@ -219,6 +219,7 @@ def self_launch(nprocs: int) -> None:
         # Collect what exited on its own before we stop the rest: a rank killed by a signal we did not
         # send is the root cause; otherwise the earliest error a rank recorded (see write_error_file).
         died = {r: w.returncode for r, w in enumerate(workers) if w.returncode not in (None, 0)}
+        running = [r for r, w in enumerate(workers) if w.returncode is None]
         stop()
         errors = read_error_files(workdir)
         killed = [r for r, code in died.items() if code < 0]
@@ -229,8 +230,12 @@ def self_launch(nprocs: int) -> None:
             what = f"failed first: {errors[rank]['error']}"
         else:
             rank, what = failure[0], f"exited with code {failure[1]}"
-        print(f"syncstep: rank {rank} {what}; the other processes were stopped. Its traceback, if any, is "
-              f"above (lines prefixed [rank{rank}]).", file=sys.stderr, flush=True)
+        still = f" (still running then, so stopped by syncstep: rank(s) {running})" if running else ""
+        hint = ""
+        if "imed out" in what and running:
+            hint = f" A collective timed out: rank(s) {running} never reached it; look at what they were doing."
+        print(f"syncstep: rank {rank} {what}; the other processes were stopped{still}. Its traceback, if any, is "
+              f"above (lines prefixed [rank{rank}]).{hint}", file=sys.stderr, flush=True)
     _remove(workdir)
     sys.exit(0 if failure is None else (failure[1] if failure[1] > 0 else 128 - failure[1]))
 
