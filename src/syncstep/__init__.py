@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from syncstep.module import Module
-from syncstep.trainer import NonFiniteLossError, Trainer, seed_everything
+from syncstep.rng import seed_everything
+from syncstep.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["Module", "NonFiniteLossError", "Trainer", "__version__", "seed_everything"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import (
@@ -30,6 +31,9 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
 )
+
+from syncstep import distributed as dist
+from syncstep.plan import BatchPlan
 
 
 def epoch_order(num_samples: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
@@ -191,3 +195,134 @@ def sampler_order(sampler: Sampler, epoch: int) -> list[int]:
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     return [int(i) for i in sampler]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the trainer iterates: per optimizer step the micro-batches, each with (count, batch) per replica.
+
+
+class TrainData:
+    """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
+
+    def __init__(self, loader: Any, seed: int | None, replicas_per_process: int, distributed_sampler: bool) -> None:
+        self.loader, self.distributed_sampler = loader, distributed_sampler
+        self.replicas_per_process = replicas_per_process
+        if distributed_sampler:
+            info = inspect_loader(loader, "train_dataloaders")
+            self.info = info
+            self.per_device_batch_size = info.batch_size
+            self.num_samples = len(info.custom_sampler) if info.custom_sampler is not None else len(info.dataset)
+        else:
+            self.info = None
+            self.per_device_batch_size = loader.batch_size
+            if not isinstance(self.per_device_batch_size, int):
+                raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
+            self.num_samples = 0  # unknown: the loader decides
+        # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
+        self.shuffle_seed = dist.broadcast_object(lambda: seed if seed is not None else 0)
+        self.layout: StepLayout | None = None
+        self.sampler: TrainBatchSampler | None = None
+        self.replicas: list[int] = []
+        self.built: Any = None
+
+    def set_layout(self, batch: BatchPlan) -> None:
+        drop_last = self.info.drop_last if self.info else False
+        self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
+                                 batch.accumulate_grad_batches, drop_last)
+
+    def set_replicas(self, replicas: list[int]) -> None:
+        self.replicas = replicas
+        if self.distributed_sampler:
+            self.sampler = TrainBatchSampler(self.layout, [], replicas)
+            self.built = rebuild_loader(self.loader, self.sampler)
+
+    def steps_per_epoch(self, start_sample: int) -> int:
+        if not self.distributed_sampler:
+            return math.ceil(len(self.loader) / (self.replicas_per_process * self.layout.accumulate_grad_batches))
+        return self.layout.num_steps(start_sample)
+
+    def _order(self, epoch: int) -> list[int]:
+        info = self.info
+        if info.custom_sampler is not None:
+            return dist.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
+        return epoch_order(self.num_samples, info.shuffle, self.shuffle_seed, epoch)
+
+    def epoch(self, epoch: int, start_sample: int) -> Iterator[tuple[int, Iterator]]:
+        """Per optimizer step: (samples in the step, an iterator of (micro-batch, is_last))."""
+        if not self.distributed_sampler:
+            yield from self._epoch_as_is()
+            return
+        self.sampler.order, self.sampler.start_sample = self._order(epoch), start_sample
+        self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
+        batches = iter(self.built)
+        for step_samples, step in self.sampler.plan():
+            yield step_samples, self._micro(step, batches)
+
+    @staticmethod
+    def _micro(step: list, batches: Iterator) -> Iterator:
+        last = len(step) - 1
+        for a, micro in enumerate(step):
+            yield [(count, next(batches)) for count, _ in micro], a == last
+
+    def _epoch_as_is(self) -> Iterator[tuple[int, Iterator]]:
+        """use_distributed_sampler=False: the user's loader as it is; full-batch weights (1 / A)."""
+        per_micro = self.replicas_per_process
+        accumulation = self.layout.accumulate_grad_batches
+        nominal = self.layout.global_batch_size
+        batches = iter(self.loader)
+        while True:
+            micro_batches = []
+            for _ in range(accumulation):
+                group = [b for _, b in zip(range(per_micro), batches)]
+                if not group:
+                    break
+                micro_batches.append([(self.per_device_batch_size, b) for b in group])
+            if not micro_batches:
+                return
+            last = len(micro_batches) - 1
+            yield nominal, ((m, a == last) for a, m in enumerate(micro_batches))
+
+
+class EvalData:
+    """Exact evaluation batches: per step, (sample count, batch) for each replica this process feeds."""
+
+    def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool) -> None:
+        self.replicas = strategy.replicas
+        if not distributed_sampler:
+            self.loader, self.samplers = loader, None
+            self.num_steps = len(loader)
+            return
+        info = inspect_loader(loader, "evaluation dataloader")
+        if info.custom_sampler is not None:
+            raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
+        self.samplers = [EvalBatchSampler(len(info.dataset), info.batch_size, strategy.world_size, r)
+                         for r in self.replicas]
+        self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
+        self.num_steps = max(len(s) for s in self.samplers)
+
+    def __iter__(self) -> Iterator[list[tuple[int, Any]]]:
+        if self.samplers is None:
+            batches = iter(self.loader)
+            while True:
+                group = [b for _, b in zip(self.replicas, batches)]
+                if not group:
+                    return
+                yield [(_batch_size(b), b) for b in group]
+        iterators = [iter(loader) for loader in self.loaders]
+        sizes = [[len(b) for b in sampler] for sampler in self.samplers]
+        for i in range(self.num_steps):
+            group = [(sizes[r][i], next(iterators[r])) for r in range(len(iterators)) if i < len(sizes[r])]
+            yield group
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = _batch_size(item)
+            if size:
+                return size
+    return 1

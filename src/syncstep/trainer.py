@@ -15,11 +15,9 @@ One optimizer step, top to bottom (``Trainer._train_epoch``):
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -33,16 +31,8 @@ import torch
 
 from syncstep import checkpoint as ckpt
 from syncstep import distributed as dist
-from syncstep.data import (
-    EvalBatchSampler,
-    StepLayout,
-    TrainBatchSampler,
-    epoch_order,
-    inspect_loader,
-    loss_weight,
-    rebuild_loader,
-    sampler_order,
-)
+from syncstep.config import PRECISIONS, resolve_devices, resolve_strategy, unknown_arguments
+from syncstep.data import EvalData, TrainData, inspect_loader, loss_weight
 from syncstep.launch import (
     Environment,
     can_self_launch,
@@ -79,34 +69,13 @@ from syncstep.plan import (
     resolve_warmup,
     summary,
 )
+from syncstep.rng import rng_state, seed_everything, set_rng_state
 from syncstep.strategies import STRATEGIES
 from syncstep.strategies.common import StepRunner
-
-_PRECISIONS = {
-    "32": "32", "32-true": "32", 32: "32",
-    "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
-    "16-mixed": "16-mixed", "16": "16-mixed", 16: "16-mixed",
-}
-# Names users bring from other trainers, Lightning 1.x and our own design note.
-_ALIASES = {
-    "num_epochs": "max_epochs", "epochs": "max_epochs", "n_epochs": "max_epochs",
-    "strategies": "strategy", "gpus": "devices", "num_devices": "devices", "nodes": "num_nodes",
-    "accumulate_grad_batch": "accumulate_grad_batches", "gradient_accumulation_steps": "accumulate_grad_batches",
-    "grad_clip": "gradient_clip_val", "clip_grad_norm": "gradient_clip_val", "lr_scale": "lr_scaling",
-    "root_dir": "default_root_dir", "warmup": "warmup_epochs",
-}
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; every rank raises it at the same step."""
-
-
-def _unknown_arguments(unknown: dict, valid: list[str]) -> TypeError:
-    hints = []
-    for name in unknown:
-        guess = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.6)), None)
-        hints.append(f"unknown argument {name!r}" + (f"; did you mean {guess!r}?" if guess else ""))
-    return TypeError("Trainer(): " + "; ".join(hints) + f" Valid arguments: {', '.join(valid)}.")
 
 
 class Trainer:
@@ -157,7 +126,7 @@ class Trainer:
     ) -> None:
         if unknown:
             valid = [p for p in inspect.signature(Trainer.__init__).parameters if p not in ("self", "unknown")]
-            raise _unknown_arguments(unknown, valid)
+            raise unknown_arguments(unknown, valid)
 
         def positive_int(name: str, value: Any, allow_none: bool = True) -> None:
             if value is None and allow_none:
@@ -181,7 +150,7 @@ class Trainer:
         positive_int("ckpt_every_n_epochs", ckpt_every_n_epochs)
         positive_int("ckpt_every_n_steps", ckpt_every_n_steps)
         positive_int("keep_last", keep_last, allow_none=False)
-        if precision not in _PRECISIONS:
+        if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'.")
         if lr_scaling not in LR_SCALING_RULES:
             raise ValueError(f"lr_scaling={lr_scaling!r} is not one of {LR_SCALING_RULES}.")
@@ -208,7 +177,7 @@ class Trainer:
                 raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}.")
             timeout = timedelta(seconds=timeout)
 
-        self.precision = _PRECISIONS[precision]
+        self.precision = PRECISIONS[precision]
         self.num_nodes = num_nodes
         self.accumulate_grad_batches = accumulate_grad_batches
         self.global_batch_size = global_batch_size
@@ -238,8 +207,8 @@ class Trainer:
         self.timeout = timeout
 
         self._env: Environment = detect_environment()
-        self.accelerator, self._device_ids, self.num_devices = self._resolve_devices(accelerator, devices)
-        self.strategy_name = self._resolve_strategy(strategy)
+        self.accelerator, self._device_ids, self.num_devices = resolve_devices(accelerator, devices, self._env)
+        self.strategy_name = resolve_strategy(strategy, self.num_devices, num_nodes, self._env)
         if self.strategy_name == "dp" and self.accelerator == "cpu" and self.num_devices > 1:
             warnings.warn(
                 f"strategy='dp' on the CPU runs {self.num_devices} replicas in threads of one process: the "
@@ -302,104 +271,6 @@ class Trainer:
         if self.is_global_zero:
             kwargs.setdefault("flush", True)
             print(*args, **kwargs)
-
-    # -- argument resolution (all before any process starts) --------------------------------------
-    def _resolve_devices(self, accelerator: str, devices: Any) -> tuple[str, list[int] | None, int]:
-        if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-            close = difflib.get_close_matches(str(accelerator), ["auto", "cpu", "gpu", "cuda"], n=1)
-            raise ValueError(
-                f"accelerator={accelerator!r} is not supported; use 'auto', 'cpu' or 'gpu' ('cuda')"
-                + (f"; did you mean {close[0]!r}?" if close else ".")
-            )
-        if accelerator == "auto":
-            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-        if accelerator == "gpu":
-            accelerator = "cuda"
-        env = self._env
-        launched = env.source != "local"
-        if isinstance(devices, str) and devices.lstrip("-").isdigit():
-            devices = int(devices)
-        if accelerator == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"accelerator={'gpu'!r} but no CUDA GPU is visible (torch {torch.__version__}, CUDA build: "
-                f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
-                "Use accelerator='cpu', or 'auto' to pick what is there."
-            )
-        if accelerator == "cpu":
-            if isinstance(devices, (list, tuple)):
-                raise ValueError(
-                    f"devices={list(devices)} lists device indices, which select GPUs; on the CPU pass a "
-                    "number of processes (ddp) or replicas (dp), e.g. devices=2."
-                )
-            if devices == "auto":
-                return "cpu", None, env.local_world_size if launched else 1
-            if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-                raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
-            return "cpu", None, devices
-        count = torch.cuda.device_count()
-        if devices == "auto" or devices == -1:
-            ids = list(range(env.local_world_size if launched and devices == "auto" else count))
-        elif isinstance(devices, (list, tuple)):
-            ids = list(devices)
-            if not ids or len(set(ids)) != len(ids) or any(not isinstance(i, int) or i < 0 for i in ids):
-                raise ValueError(f"devices={ids} must be a non-empty list of distinct GPU indices.")
-        elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
-            ids = list(range(devices))
-        else:
-            raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
-        if max(ids) >= count:
-            raise ValueError(
-                f"devices={devices!r} needs GPU {max(ids)}, but only {count} GPU{'s' * (count != 1)} "
-                f"{'is' if count == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Use devices={count} or fewer."
-            )
-        return "cuda", ids, len(ids)
-
-    def _resolve_strategy(self, strategy: str) -> str:
-        names = ["auto", *STRATEGIES]
-        if strategy not in names:
-            close = difflib.get_close_matches(str(strategy), names, n=1)
-            raise ValueError(
-                f"strategy={strategy!r} is not one of {names}" + (f"; did you mean {close[0]!r}?" if close else ".")
-            )
-        env, n, nodes = self._env, self.num_devices, self.num_nodes
-        if strategy == "auto":
-            strategy = "single" if n == 1 and nodes == 1 and env.world_size == 1 else "ddp"
-        if strategy == "single" and (n > 1 or nodes > 1):
-            raise ValueError(
-                f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'."
-            )
-        if strategy == "dp":
-            if nodes > 1:
-                raise ValueError(
-                    "strategy='dp' runs in one process on one machine, so num_nodes must be 1; for several "
-                    "machines use strategy='ddp'."
-                )
-            if env.world_size > 1:
-                raise ValueError(
-                    f"strategy='dp' is one process, but this is process {env.global_rank} of {env.world_size} "
-                    f"started by {env.source}. Use strategy='ddp' with a launcher, or run dp with plain python."
-                )
-            return strategy
-        if env.source != "local":
-            if env.num_nodes != nodes:
-                raise ValueError(
-                    f"num_nodes={nodes}, but {env.source} started {env.num_nodes} node(s) "
-                    f"({env.world_size} processes, {env.local_world_size} per node). Pass num_nodes={env.num_nodes}."
-                )
-            if env.local_world_size != n:
-                raise ValueError(
-                    f"devices={n}, but {env.source} started {env.local_world_size} process(es) on this node. "
-                    f"Pass devices={env.local_world_size} (or 'auto'), or start {n} per node "
-                    f"(torchrun --nproc-per-node={n}; SLURM --ntasks-per-node={n})."
-                )
-        elif nodes > 1:
-            raise ValueError(
-                f"num_nodes={nodes}, but this process was not started by torchrun or SLURM. Start one launcher "
-                f"per machine: torchrun --nnodes={nodes} --nproc-per-node={n} --rdzv-backend=c10d "
-                "--rdzv-endpoint=HOST:PORT train.py (or srun under SLURM)."
-            )
-        return strategy
 
     # -- public entry points ----------------------------------------------------------------------
     def fit(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
@@ -593,7 +464,8 @@ class Trainer:
     def _make_plan(self, model: Module, train_loader: Any) -> None:
         """Optimizers, the data layout and the batch / LR arithmetic, derived once, before any step."""
         self.optimizers, self.lr_scheduler_configs = parse_optimizers(model.configure_optimizers())
-        self._train = TrainData(train_loader, self, self.use_distributed_sampler)
+        per_process = self.num_devices if self.strategy_name == "dp" else 1
+        self._train = TrainData(train_loader, self.seed, per_process, self.use_distributed_sampler)
         batch = plan_batch(self._train.per_device_batch_size, self.num_replicas, self.accumulate_grad_batches,
                            self.global_batch_size, self.reference_batch_size)
         self.batch_plan = batch
@@ -886,7 +758,7 @@ class Trainer:
     def _checkpoint_state(self, model: Module, epoch_finished: bool) -> dict[str, Any]:
         from syncstep import __version__
 
-        rng = dist.all_gather_object(_rng_state())
+        rng = dist.all_gather_object(rng_state())
         schedulers = [c.scheduler.state_dict() for c in self.lr_scheduler_configs]
         for i, state in enumerate(schedulers):
             ckpt.check_plain(state, f"lr scheduler {i} ({type(self.lr_scheduler_configs[i].scheduler).__name__})")
@@ -961,7 +833,7 @@ class Trainer:
         self._train.shuffle_seed = state["shuffle_seed"]
         rng = state["rng"]
         same_world = world["num_processes"] == self._env.world_size
-        _set_rng_state(rng[self.global_rank] if same_world and self.global_rank < len(rng) else rng[0])
+        set_rng_state(rng[self.global_rank] if same_world and self.global_rank < len(rng) else rng[0])
         b = self.batch_plan
         self.print(f"syncstep: resumed from {path}: epoch {loop['epoch']}, step {loop['global_step']}, "
                    f"{loop['epoch_sample']} samples into the epoch.")
@@ -998,178 +870,3 @@ class Trainer:
         dist.all_reduce(flag, "max")
         self._stop_signal = bool(flag.item())
         return self._stop_signal
-
-
-class TrainData:
-    """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
-
-    def __init__(self, loader: Any, trainer: Trainer, distributed_sampler: bool) -> None:
-        self.loader, self.distributed_sampler = loader, distributed_sampler
-        self.replicas_per_process = trainer.num_devices if trainer.strategy_name == "dp" else 1
-        if distributed_sampler:
-            info = inspect_loader(loader, "train_dataloaders")
-            self.info = info
-            self.per_device_batch_size = info.batch_size
-            self.num_samples = len(info.custom_sampler) if info.custom_sampler is not None else len(info.dataset)
-        else:
-            self.info = None
-            self.per_device_batch_size = loader.batch_size
-            if not isinstance(self.per_device_batch_size, int):
-                raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
-            self.num_samples = 0  # unknown: the loader decides
-        # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
-        self.shuffle_seed = dist.broadcast_object(lambda: trainer.seed if trainer.seed is not None else 0)
-        self.layout: StepLayout | None = None
-        self.sampler: TrainBatchSampler | None = None
-        self.replicas: list[int] = []
-        self.built: Any = None
-
-    def set_layout(self, batch: BatchPlan) -> None:
-        drop_last = self.info.drop_last if self.info else False
-        self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
-                                 batch.accumulate_grad_batches, drop_last)
-
-    def set_replicas(self, replicas: list[int]) -> None:
-        self.replicas = replicas
-        if self.distributed_sampler:
-            self.sampler = TrainBatchSampler(self.layout, [], replicas)
-            self.built = rebuild_loader(self.loader, self.sampler)
-
-    def steps_per_epoch(self, start_sample: int) -> int:
-        if not self.distributed_sampler:
-            return math.ceil(len(self.loader) / (self.replicas_per_process * self.layout.accumulate_grad_batches))
-        return self.layout.num_steps(start_sample)
-
-    def _order(self, epoch: int) -> list[int]:
-        info = self.info
-        if info.custom_sampler is not None:
-            return dist.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
-        return epoch_order(self.num_samples, info.shuffle, self.shuffle_seed, epoch)
-
-    def epoch(self, epoch: int, start_sample: int) -> Iterator[tuple[int, Iterator]]:
-        """Per optimizer step: (samples in the step, an iterator of (micro-batch, is_last))."""
-        if not self.distributed_sampler:
-            yield from self._epoch_as_is()
-            return
-        self.sampler.order, self.sampler.start_sample = self._order(epoch), start_sample
-        self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
-        batches = iter(self.built)
-        for step_samples, step in self.sampler.plan():
-            yield step_samples, self._micro(step, batches)
-
-    @staticmethod
-    def _micro(step: list, batches: Iterator) -> Iterator:
-        last = len(step) - 1
-        for a, micro in enumerate(step):
-            yield [(count, next(batches)) for count, _ in micro], a == last
-
-    def _epoch_as_is(self) -> Iterator[tuple[int, Iterator]]:
-        """use_distributed_sampler=False: the user's loader as it is; full-batch weights (1 / A)."""
-        per_micro = self.replicas_per_process
-        accumulation = self.layout.accumulate_grad_batches
-        nominal = self.layout.global_batch_size
-        batches = iter(self.loader)
-        while True:
-            micro_batches = []
-            for _ in range(accumulation):
-                group = [b for _, b in zip(range(per_micro), batches)]
-                if not group:
-                    break
-                micro_batches.append([(self.per_device_batch_size, b) for b in group])
-            if not micro_batches:
-                return
-            last = len(micro_batches) - 1
-            yield nominal, ((m, a == last) for a, m in enumerate(micro_batches))
-
-
-class EvalData:
-    """Exact evaluation batches: per step, (sample count, batch) for each replica this process feeds."""
-
-    def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool) -> None:
-        self.replicas = strategy.replicas
-        if not distributed_sampler:
-            self.loader, self.samplers = loader, None
-            self.num_steps = len(loader)
-            return
-        info = inspect_loader(loader, "evaluation dataloader")
-        if info.custom_sampler is not None:
-            raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
-        self.samplers = [EvalBatchSampler(len(info.dataset), info.batch_size, strategy.world_size, r)
-                         for r in self.replicas]
-        self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
-        self.num_steps = max(len(s) for s in self.samplers)
-
-    def __iter__(self) -> Iterator[list[tuple[int, Any]]]:
-        if self.samplers is None:
-            batches = iter(self.loader)
-            while True:
-                group = [b for _, b in zip(self.replicas, batches)]
-                if not group:
-                    return
-                yield [(_batch_size(b), b) for b in group]
-        iterators = [iter(loader) for loader in self.loaders]
-        sizes = [[len(b) for b in sampler] for sampler in self.samplers]
-        for i in range(self.num_steps):
-            group = [(sizes[r][i], next(iterators[r])) for r in range(len(iterators)) if i < len(sizes[r])]
-            yield group
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            size = _batch_size(item)
-            if size:
-                return size
-    return 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (if installed) and torch on this process, as Lightning's seed_everything."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        import numpy
-
-        name, keys, pos, has_gauss, gauss = numpy.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
-    except ImportError:
-        pass
-    return state
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return [_plain(x) for x in obj]
-    return obj
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "numpy" in state:
-        try:
-            import numpy
-
-            name, keys, pos, has_gauss, gauss = state["numpy"]
-            numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-        except ImportError:
-            pass
