@@ -86,28 +86,34 @@ def loss_weight(count: int, step_samples: int, gradient_averaging: int) -> float
 
 
 class TrainBatchSampler(Sampler[list[int]]):
-    """Yields this process's batches of one epoch in loop order: step, micro-batch, replica."""
+    """Yields this process's batches of one epoch in loop order: step, micro-batch, replica.
 
-    def __init__(self, layout: StepLayout, order: list[int], replicas: list[int], start_sample: int = 0):
-        self.layout, self.order, self.replicas, self.start_sample = layout, order, replicas, start_sample
+    ``set_epoch`` lays the epoch out once; the DataLoader iterates the batches and the trainer the same
+    plan (with the sample counts), so both agree however far ahead the loader's workers prefetch.
+    """
 
-    def plan(self) -> Iterator[tuple[int, list[list[tuple[int, list[int]]]]]]:
+    def __init__(self, layout: StepLayout, replicas: list[int]):
+        self.layout, self.replicas = layout, replicas
+        self.steps: list[tuple[int, list[list[tuple[int, list[int]]]]]] = []
+
+    def set_epoch(self, order: list[int], start_sample: int = 0) -> None:
         """Per step: (samples in the step on all replicas, per micro-batch a list over our replicas of
         (real sample count, indices to load)).
 
         A replica with no sample gets the micro-batch's samples with count 0 (see the module docstring).
         DP drops such replicas itself; DDP must run them.
         """
-        for step in range(self.layout.num_steps(self.start_sample)):
+        self.steps = []
+        for step in range(self.layout.num_steps(start_sample)):
             micro, step_samples = [], 0
-            for shards in self.layout.micro_batches(self.order, step, self.start_sample):
+            for shards in self.layout.micro_batches(order, step, start_sample):
                 everything = None if all(shards) else [i for shard in shards for i in shard]
                 micro.append([(len(shards[r]), shards[r] or everything) for r in self.replicas])
                 step_samples += sum(len(shard) for shard in shards)
-            yield step_samples, micro
+            self.steps.append((step_samples, micro))
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _, step in self.plan():
+        for _, step in self.steps:
             for micro in step:
                 for _, indices in micro:
                     yield indices
@@ -233,7 +239,7 @@ class TrainData:
     def set_replicas(self, replicas: list[int]) -> None:
         self.replicas = replicas
         if self.distributed_sampler:
-            self.sampler = TrainBatchSampler(self.layout, [], replicas)
+            self.sampler = TrainBatchSampler(self.layout, replicas)
             self.built = rebuild_loader(self.loader, self.sampler)
 
     def steps_per_epoch(self, start_sample: int) -> int:
@@ -252,10 +258,10 @@ class TrainData:
         if not self.distributed_sampler:
             yield from self._epoch_as_is()
             return
-        self.sampler.order, self.sampler.start_sample = self._order(epoch), start_sample
+        self.sampler.set_epoch(self._order(epoch), start_sample)
         self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
         batches = iter(self.built)
-        for step_samples, step in self.sampler.plan():
+        for step_samples, step in self.sampler.steps:
             yield step_samples, self._micro(step, batches)
 
     @staticmethod

@@ -637,7 +637,11 @@ class Trainer:
             return
         bad_step = sys.maxsize
         if losses:
-            finite = torch.stack([x.float().reshape(()) for _, x in losses]).isfinite()
+            values = [x for _, x in losses]
+            try:
+                finite = torch.stack(values).isfinite().reshape(-1)
+            except RuntimeError:  # losses of different shapes ((), (1,)) or devices
+                finite = torch.stack([x.float().reshape(()).cpu() for x in values]).isfinite()
             if not bool(finite.all()):
                 bad_step = losses[int((~finite).nonzero()[0, 0])][0]
         losses.clear()
