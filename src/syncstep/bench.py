@@ -15,7 +15,7 @@ directly (not DDP), times one step in parts: data loading (next batch, moved to 
 (forward and backward), gradient sync (one all-reduce of all gradients; DDP overlaps it with backward,
 so this is the most it can cost) and the optimizer step. For dp on GPUs, sync is the parameter
 broadcast and the gradient reduction to the first GPU; for dp on the CPU the replicas share their
-parameters, so there is nothing to sync.
+parameters, so there is nothing to sync, and one step computes every replica's batch on the same cores.
 """
 
 from __future__ import annotations
@@ -163,31 +163,38 @@ def time_parts(args: argparse.Namespace, devices: int, device: torch.device) -> 
     model = make_model(args).to(device)
     model.train()
     optimizer = parse_optimizers(model.configure_optimizers())[0][0]
-    batches = cycle(make_loader(args, model, 1))
+    batches = cycle(make_loader(args, model, devices))
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = args.strategy.startswith("ddp") and torch.distributed.is_initialized()
-    dp_gpus = args.strategy == "dp" and device.type == "cuda" and devices > 1
+    dp = args.strategy == "dp"
+    dp_gpus = [torch.device("cuda", i) for i in range(devices)] if dp and device.type == "cuda" else []
+    # dp on the CPU runs its replicas in threads on the same cores: one step computes all of their batches.
+    replicas = devices if dp and device.type == "cpu" else 1
     clock = Clock(device)
     autocast = contextlib.nullcontext() if args.precision == "32" else torch.autocast(
         device.type, dtype=torch.bfloat16 if args.precision.startswith("bf16") else torch.float16)
     sums = dict.fromkeys(PARTS, 0.0)
     for i in range(args.warmup + args.steps):
         t0 = clock()
-        batch = move_to_device(next(batches), device)
+        group = [move_to_device(next(batches), device) for _ in range(replicas)]
         t1 = clock()
-        with autocast:
-            loss = extract_loss(model.training_step(batch, i))
-        loss.backward()
+        for batch in group:
+            with autocast:
+                loss = extract_loss(model.training_step(batch, i))
+            loss.backward()
         t2 = clock()
         grads = [p.grad for p in params if p.grad is not None]
         if distributed:
             flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= torch.distributed.get_world_size()
-        elif dp_gpus:
-            gpus = list(range(devices))
-            torch.nn.parallel.replicate(model, [torch.device("cuda", g) for g in gpus])
-            torch.cuda.comm.reduce_add_coalesced([grads] * devices, destination=device.index)
+        elif len(dp_gpus) > 1:
+            # Stand-ins for the other replicas' gradients (DP computes them there), copied untimed; then
+            # what DP does each step: broadcast the parameters, reduce the gradients onto the first GPU.
+            others = [[g.to(gpu) for g in grads] for gpu in dp_gpus[1:]]
+            t2 = clock()
+            torch.nn.parallel.replicate(model, dp_gpus)
+            torch.cuda.comm.reduce_add_coalesced([grads, *others], destination=device.index)
         t3 = clock()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -367,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.strategy == "dp" and not cuda and n_max > 1:
         print("note: dp on the CPU runs its replicas in threads of one process; it is not meant to be faster.")
-    print("sync: one all-reduce of all gradients, not overlapped with backward (DDP overlaps it), so an upper "
-          "bound; step ms is syncstep's measured step, sum ms the instrumented loop's.")
+    sync = {"ddp": "one all-reduce of all gradients, not overlapped with backward as in DDP, so an upper bound",
+            "dp": "the parameter broadcast and the gradient reduction onto the first GPU" if cuda else
+            "none: the replicas share their parameters"}[args.strategy]
+    print(f"sync: {sync}. step ms: syncstep's measured step; sum ms: the instrumented loop's parts.")
     plot(rows, title, args.out)
     print(f"plot: {args.out}")
     if args.json:

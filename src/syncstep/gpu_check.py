@@ -4,7 +4,8 @@
 
 1. Speed on one GPU: a small CNN and a small transformer, trained by syncstep (as users run it: progress
    bar, logger, default checkpointing) and by a hand-written loop (autocast, GradScaler for 16-bit), in
-   fp32, bf16-mixed and 16-mixed, interleaved; steady-state steps/s ratio syncstep / hand-written.
+   fp32, bf16-mixed and 16-mixed, interleaved (A B B A A B); steady-state steps/s ratio syncstep /
+   hand-written (median of 3 runs each; 0.97 or more is ok).
 2. dp on every visible GPU (k, per-device batch b) against one GPU with batch k x b: the parameters after
    a few SGD steps must agree (lr_scaling="none", TF32 off).
 3. DDP with NCCL, started by syncstep itself (devices = number of GPUs; with one GPU, a world of one),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -161,18 +163,23 @@ def with_syncstep(net: torch.nn.Module, loader: DataLoader, precision: str, tick
     return model
 
 
-def check_speed(name: str, precision: str, warmup: int = 30, timed: int = 150, rounds: int = 3) -> dict:
+def check_speed(name: str, precision: str, warmup: int = 30, timed: int = 300, rounds: int = 3) -> dict:
     make, data, batch = MODELS[name]
     loader = DataLoader(data((warmup + timed) * batch), batch_size=batch, shuffle=False)
-    results: dict[str, list[float]] = {"hand-written": [], "syncstep": []}
-    for _ in range(rounds):  # interleaved: A B A B ...
-        ticks = Ticks(warmup, warmup + timed)
-        hand_loss = hand_written(seeded(make), loader, precision, ticks)
-        results["hand-written"].append(ticks.steps_per_s())
-        ticks = Ticks(warmup, warmup + timed)
-        our_loss = float(with_syncstep(seeded(make), loader, precision, ticks).last_loss)
-        results["syncstep"].append(ticks.steps_per_s())
+    runs = {
+        "hand-written": lambda ticks: hand_written(seeded(make), loader, precision, ticks),
+        "syncstep": lambda ticks: float(with_syncstep(seeded(make), loader, precision, ticks).last_loss),
+    }
+    results: dict[str, list[float]] = {implementation: [] for implementation in runs}
+    losses: dict[str, float] = {}
+    for round_ in range(rounds):  # interleaved, A B B A A B ..., so that neither always goes first
+        for implementation in list(runs)[:: 1 if round_ % 2 == 0 else -1]:
+            gc.collect()  # garbage of the previous run is collected here, not in the timed steps
+            ticks = Ticks(warmup, warmup + timed)
+            losses[implementation] = runs[implementation](ticks)
+            results[implementation].append(ticks.steps_per_s())
     hand, ours = statistics.median(results["hand-written"]), statistics.median(results["syncstep"])
+    hand_loss, our_loss = losses["hand-written"], losses["syncstep"]
     label = "fp32" if precision == "32" else precision
     return {"check": f"speed, {name}", "setting": f"1 GPU, {label}, batch {batch}, {timed} timed steps",
             "syncstep": f"{ours:.1f} steps/s", "reference": f"{hand:.1f} steps/s (hand-written)",

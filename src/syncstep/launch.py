@@ -121,14 +121,14 @@ def init_process_group(env: Environment, device: torch.device, timeout: timedelt
     elif env.source == "syncstep":
         kwargs.update(store=dist.FileStore(os.environ["SYNCSTEP_FILE_STORE"], env.world_size),
                       rank=env.global_rank, world_size=env.world_size)
-    else:
-        # torchrun / SLURM: torch's env:// rendezvous, with the keys of each restart attempt kept apart.
-        # After `torchrun --max-restarts`, the store still holds the dead workers' addresses, and a new
-        # worker that reads one before its peer has overwritten it connects to nobody.
+    elif os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        # A job restarted by `torchrun --max-restarts`: torch's env:// rendezvous, but with this attempt's
+        # keys kept apart. The store still holds the dead workers' addresses, and a new worker that read
+        # one before its peer had overwritten it would connect to nobody.
         from torch.distributed.rendezvous import rendezvous
 
         store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
         kwargs.update(store=dist.PrefixStore(f"syncstep/attempt{attempt}", store), rank=rank, world_size=world_size)
     dist.init_process_group(backend, timeout=timeout, **kwargs)
     import atexit
