@@ -236,8 +236,8 @@ class TrainData:
         self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
                                  batch.accumulate_grad_batches, drop_last)
 
-    def set_replicas(self, replicas: list[int]) -> None:
-        self.replicas = replicas
+    def set_replicas(self, replicas: list[int], gradient_averaging: int) -> None:
+        self.replicas, self.gradient_averaging = replicas, gradient_averaging
         if self.distributed_sampler:
             self.sampler = TrainBatchSampler(self.layout, replicas)
             self.built = rebuild_loader(self.loader, self.sampler)
@@ -253,40 +253,44 @@ class TrainData:
             return dist.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
         return epoch_order(self.num_samples, info.shuffle, self.shuffle_seed, epoch)
 
-    def epoch(self, epoch: int, start_sample: int) -> Iterator[tuple[int, Iterator]]:
-        """Per optimizer step: (samples in the step, an iterator of (micro-batch, is_last))."""
+    def start_epoch(self, epoch: int, start_sample: int) -> tuple[list, Iterator]:
+        """The epoch's plan and an iterator over this process's batches, in the order the plan uses them.
+
+        The plan is a list over optimizer steps of (samples in the step, micro-batches), a micro-batch
+        being (sample counts, loss weights, is_last), one count and weight per replica this process feeds.
+        """
         if not self.distributed_sampler:
-            yield from self._epoch_as_is()
-            return
+            return self._plan_as_is(), iter(self.loader)
         self.sampler.set_epoch(self._order(epoch), start_sample)
         self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
-        batches = iter(self.built)
+        plan = []
         for step_samples, step in self.sampler.steps:
-            yield step_samples, self._micro(step, batches)
+            last = len(step) - 1
+            micro = []
+            for a, replicas in enumerate(step):
+                counts = tuple(count for count, _ in replicas)
+                weights = tuple(loss_weight(c, step_samples, self.gradient_averaging) for c in counts)
+                micro.append((counts, weights, a == last))
+            plan.append((step_samples, micro))
+        return plan, iter(self.built)
 
-    @staticmethod
-    def _micro(step: list, batches: Iterator) -> Iterator:
-        last = len(step) - 1
-        for a, micro in enumerate(step):
-            yield [(count, next(batches)) for count, _ in micro], a == last
-
-    def _epoch_as_is(self) -> Iterator[tuple[int, Iterator]]:
-        """use_distributed_sampler=False: the user's loader as it is; full-batch weights (1 / A)."""
-        per_micro = self.replicas_per_process
-        accumulation = self.layout.accumulate_grad_batches
-        nominal = self.layout.global_batch_size
-        batches = iter(self.loader)
-        while True:
-            micro_batches = []
+    def _plan_as_is(self) -> list:
+        """use_distributed_sampler=False: the user's loader as it is, full-batch weights (1 / A)."""
+        per_micro, accumulation = self.replicas_per_process, self.layout.accumulate_grad_batches
+        b, nominal = self.per_device_batch_size, self.layout.global_batch_size
+        batches, plan = len(self.loader), []
+        while batches > 0:
+            micro = []
             for _ in range(accumulation):
-                group = [b for _, b in zip(range(per_micro), batches)]
-                if not group:
+                n = min(per_micro, batches)
+                if n == 0:
                     break
-                micro_batches.append([(self.per_device_batch_size, b) for b in group])
-            if not micro_batches:
-                return
-            last = len(micro_batches) - 1
-            yield nominal, ((m, a == last) for a, m in enumerate(micro_batches))
+                batches -= n
+                counts = (b,) * n
+                micro.append((counts, tuple(loss_weight(c, nominal, self.gradient_averaging) for c in counts), False))
+            micro[-1] = micro[-1][:2] + (True,)
+            plan.append((nominal, micro))
+        return plan
 
 
 class EvalData:

@@ -99,25 +99,30 @@ class LogStore:
     def clear_step(self) -> None:
         self.step_entries.clear()
 
-    def step_values(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
-        """This step's values (weighted means); names logged with sync_dist are averaged over ranks."""
+    def step_values(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """This step's values (weighted means); names logged with sync_dist are averaged over ranks.
+
+        ``reduce`` sums a CPU tensor over ranks (a no-op in one process); every rank must call this.
+        """
         grouped: dict[str, list[tuple[Any, float]]] = {}
         for name, value, weight in self.step_entries:
             grouped.setdefault(name, []).append((value, weight))
         out = {}
         for name in sorted(grouped):
-            sums = _weighted_sums(grouped[name], torch.device("cpu"))
-            if name in self.sync_dist and all_reduce is not None:
-                sums = all_reduce(sums)
-            if sums[1] > 0:
-                out[name] = float(sums[0] / sums[1])
+            entries = grouped[name]
+            if name in self.sync_dist:
+                total, weight = reduce(_weighted_sums(entries, torch.device("cpu"))).tolist()
+            else:  # plain floats: at most a few entries (micro-batches, DP replicas)
+                weight = sum(w for _, w in entries)
+                total = sum(float(v) * w for v, w in entries if w > 0)
+            if weight > 0:
+                out[name] = total / weight
         return out
 
     def epoch_values(
         self,
-        all_reduce: Callable[[torch.Tensor], torch.Tensor],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
         all_names: Callable[[list[str]], list[str]],
-        device: torch.device,
     ) -> dict[str, float]:
         """Sample-weighted means over every rank; clears the epoch. Every rank must call it."""
         for name in list(self.epoch_entries):
@@ -126,8 +131,7 @@ class LogStore:
         if not names:  # the same on every rank, so no rank waits in the all-reduce below
             return {}
         zero = torch.zeros(2, dtype=torch.float64)
-        sums = torch.stack([self.epoch_folded.get(n, zero) for n in names])
-        sums = all_reduce(sums.to(device)).cpu()
+        sums = reduce(torch.stack([self.epoch_folded.get(n, zero) for n in names]))
         self.epoch_folded.clear()
         return {n: float(s[0] / s[1]) for n, s in zip(names, sums) if s[1] > 0}
 
@@ -232,6 +236,7 @@ class ProgressBar:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self.pending, self.every = 0, 1
 
     def start(self, description: str, total: int) -> None:
         if not self.enabled:
@@ -240,10 +245,14 @@ class ProgressBar:
 
         self.close()
         self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=True, unit="step")
+        # At most ~200 calls into tqdm per epoch: a step of a tiny model takes a few hundred µs.
+        self.pending, self.every = 0, max(1, total // 200)
 
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+    def update(self) -> None:
+        self.pending += 1
+        if self.pending >= self.every and self.bar is not None:
+            self.bar.update(self.pending)
+            self.pending = 0
 
     def show(self, values: dict[str, float]) -> None:
         if self.bar is not None and values:
@@ -251,5 +260,8 @@ class ProgressBar:
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.pending:
+                self.bar.update(self.pending)
             self.bar.close()
             self.bar = None
+        self.pending = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 LR_SCALING_RULES = ("auto", "linear", "sqrt", "none")
 WARMUP_KINDS = ("linear", "constant", "exponential")
@@ -232,7 +233,13 @@ class LRPlan:
 
     def multipliers(self, step: int, epoch: int) -> list[float]:
         t = epoch if self.warmup.interval == "epoch" else step
+        if t >= self.warmup.length:  # after (or without) warmup: the factors themselves
+            return self.factors
         return [warmup_multiplier(t, o.factor, self.warmup) for o in self.optimizers]
+
+    @cached_property
+    def factors(self) -> list[float]:
+        return [o.factor for o in self.optimizers]
 
 
 def optimizer_names(optimizers: list) -> list[str]:

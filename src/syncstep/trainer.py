@@ -32,7 +32,7 @@ import torch
 from syncstep import checkpoint as ckpt
 from syncstep import distributed as dist
 from syncstep.config import PRECISIONS, resolve_devices, resolve_strategy, unknown_arguments
-from syncstep.data import EvalData, TrainData, inspect_loader, loss_weight
+from syncstep.data import EvalData, TrainData, inspect_loader
 from syncstep.launch import (
     Environment,
     can_self_launch,
@@ -508,7 +508,7 @@ class Trainer:
     def _fit(self, model: Module, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:
         strategy = self._strategy
         self._make_plan(model, train_loader)
-        self._train.set_replicas(strategy.replicas)
+        self._train.set_replicas(strategy.replicas, strategy.gradient_averaging)
         assert self.batch_plan.world_size == strategy.world_size, (self.batch_plan.world_size, strategy.world_size)
         self._scaler = torch.amp.GradScaler(strategy.devices[0].type) if self.precision == "16-mixed" else None
         self._params = unique_parameters(self.optimizers)
@@ -565,15 +565,15 @@ class Trainer:
         batch_idx = 0
         completed = True
         logs.context.stage = "train"
-        for step_in_epoch, (step_samples, micro_batches) in enumerate(self._train.epoch(epoch, start_sample)):
+        autocast, scaler = self._autocast(), self._scaler
+        plan, batches = self._train.start_epoch(epoch, start_sample)
+        for step_in_epoch, (step_samples, micro_batches) in enumerate(plan):
             logs.clear_step()
-            for micro, is_last in micro_batches:
-                counts = [count for count, _ in micro]
-                weights = [loss_weight(c, step_samples, strategy.gradient_averaging) for c in counts]
+            for counts, weights, is_last in micro_batches:  # one per accumulation step
                 strategy.sync_gradients(is_last)
-                with self._autocast():
-                    loss = strategy.training_step([b for _, b in micro], counts, weights, batch_idx)
-                (self._scaler.scale(loss) if self._scaler else loss).backward()
+                with autocast:
+                    loss = strategy.training_step([next(batches) for _ in counts], counts, weights, batch_idx)
+                (scaler.scale(loss) if scaler else loss).backward()
                 self._recent_losses.append((self.global_step, loss.detach()))
                 batch_idx += 1
             self._optimizer_step(epoch)
@@ -646,23 +646,30 @@ class Trainer:
                 bad_step = losses[int((~finite).nonzero()[0, 0])][0]
         losses.clear()
         # (step, rank) packed into one number so that one all-reduce names both.
-        found = torch.tensor([bad_step * 1_000_000 + self.global_rank if bad_step != sys.maxsize else 2**62],
-                             dtype=torch.int64, device=self._reduce_device())
-        dist.all_reduce(found, "min")
-        if int(found.item()) != 2**62:
-            step, rank = divmod(int(found.item()), 1_000_000)
+        found = bad_step * 1_000_000 + self.global_rank if bad_step != sys.maxsize else 2**62
+        if dist.initialized():
+            packed = torch.tensor([found], dtype=torch.int64, device=self._reduce_device())
+            found = int(dist.all_reduce(packed, "min").item())
+        if found != 2**62:
+            step, rank = divmod(found, 1_000_000)
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite at optimizer step {step} (first seen on rank {rank}); every "
                 "rank stops here. Lower the learning rate, add warmup (warmup_epochs=...), clip gradients "
                 "(gradient_clip_val=...), or pass on_nonfinite_loss='skip' to skip such steps on all ranks."
             )
 
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor summed over all ranks (through the GPU with NCCL); itself in one process."""
+        if not dist.initialized():
+            return tensor
+        return dist.all_reduce(tensor.to(self._reduce_device())).cpu()
+
     def _reduce_device(self) -> torch.device:
         return self._strategy.devices[0] if self._strategy.devices[0].type == "cuda" else torch.device("cpu")
 
     def _log_step(self, epoch: int) -> None:
         self._check_finite()
-        values = self._logs.step_values(dist.all_reduce if dist.initialized() else None)
+        values = self._logs.step_values(self._sum_over_ranks)
         for name, opt, multiplier in zip(self._lr_names, self.optimizers, self._multipliers):
             lrs = effective_lrs(opt, multiplier)
             if len(lrs) == 1:
@@ -690,9 +697,9 @@ class Trainer:
         resumed run steps them exactly once, as an uninterrupted run does.
         """
         self._check_finite()
-        step_values = self._logs.step_values(dist.all_reduce if dist.initialized() else None)
+        step_values = self._logs.step_values(self._sum_over_ranks)
         self._update_callback_metrics(step_values)
-        epoch_values = self._logs.epoch_values(dist.all_reduce, dist.union_of_names, self._reduce_device())
+        epoch_values = self._logs.epoch_values(self._sum_over_ranks, dist.union_of_names)
         self._update_callback_metrics(epoch_values)
         if completed:
             model.on_train_epoch_end()
@@ -737,7 +744,7 @@ class Trainer:
                 strategy.evaluation_step(stage, [b for _, b in group], [c for c, _ in group], batch_idx)
                 bar.update()
         bar.close()
-        values = logs.epoch_values(dist.all_reduce, dist.union_of_names, self._reduce_device())
+        values = logs.epoch_values(self._sum_over_ranks, dist.union_of_names)
         logs.step_entries[:] = saved_step
         self._update_callback_metrics(values)
         hook = model.on_validation_epoch_end if stage == "validate" else model.on_test_epoch_end

@@ -31,7 +31,8 @@ class SingleDeviceStrategy:
     def training_step(
         self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
     ) -> torch.Tensor:
-        loss = extract_loss(self.runner("train", self._move(batches[0]), batch_idx, counts[0]))
+        # forward() rather than __call__: the runner is ours and has no hooks (the user's module keeps its).
+        loss = extract_loss(self.runner.forward("train", self._move(batches[0]), batch_idx, counts[0]))
         return loss if weights[0] == 1.0 else loss * weights[0]
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
