@@ -119,7 +119,8 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
               "Steady-state optimizer steps per second (warm-up steps left out), median over the rounds and",
               "min - max. CPU us/step (for runs with 1 thread): the main thread's CPU time per step, median; a busy",
               "machine disturbs it less than wall time. Start-up: from launching the command to the first optimizer",
-              "step done. W1 and W2 run with torch's default threads.",
+              "step done. W1 runs with one thread (it measures framework overhead, and on 2 cores two intra-op threads "
+              "add scheduling noise); W2 with torch's default threads.",
               ""]
     for workload, impls in results["throughput"].items():
         steps, warmup = s[workload]

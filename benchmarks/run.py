@@ -36,7 +36,7 @@ WORKERS = HERE / "workloads"
 PY = sys.executable
 
 # (steps in all, warm-up steps left out of steps/s); rounds of A B C; import-time repetitions.
-FULL = {"w1": (1050, 50), "w2": (65, 5), "w3": (55, 5), "rounds": 5, "import_rounds": 10}
+FULL = {"w1": (3050, 50), "w2": (65, 5), "w3": (55, 5), "rounds": 5, "import_rounds": 10}
 QUICK = {"w1": (220, 20), "w2": (18, 3), "w3": (13, 3), "rounds": 2, "import_rounds": 3}
 
 TARGETS = [  # (name, how it is computed, goal, comparison)
@@ -119,12 +119,15 @@ def torchrun(nprocs: int) -> list[str]:
 def cases_for(workload: str, steps: int, warmup: int, lightning: bool) -> list[Case]:
     args = (workload, steps, warmup)
     if workload != "w3":
-        cases = [Case("hand-written", worker("handwritten.py", *args)),
-                 Case("syncstep", worker("syncstep_train.py", *args))]
+        # W1 measures framework overhead: one thread, because on 2 cores torch's 2 intra-op threads for a
+        # 64x128 matmul add +-20% of scheduling noise between runs. W2 keeps torch's default threads.
+        env = {"OMP_NUM_THREADS": "1"} if workload == "w1" else {}
+        cases = [Case("hand-written", worker("handwritten.py", *args), env),
+                 Case("syncstep", worker("syncstep_train.py", *args), env)]
         if workload == "w1":  # where overhead shows: how much of it is the bar and the loggers
-            cases.append(Case("syncstep (bar, logger off)", worker("syncstep_train.py", *args, 1, "--lean")))
+            cases.append(Case("syncstep (bar, logger off)", worker("syncstep_train.py", *args, 1, "--lean"), env))
         if lightning:
-            cases.append(Case("lightning", worker("lightning_train.py", *args)))
+            cases.append(Case("lightning", worker("lightning_train.py", *args), env))
         return cases
     # W3: 2 processes of 1 thread each against 1 process of 1 thread, same per-process batch.
     one = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
