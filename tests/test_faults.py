@@ -6,13 +6,16 @@ ends within 60 s of the fault.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 
 import torch
 
 from common import reference_sgd
-from helpers import free_port, run_configs
+from helpers import SCRIPTS, clean_env, descendants, free_port, kill_tree, run_configs
 from test_ddp import BASE, assert_params_close, assert_same_on_every_rank
 
 FAULT = {**BASE, "n": 400, "batch_size": 4, "max_epochs": 1}
@@ -92,3 +95,51 @@ def test_parameters_that_differ_across_ranks_at_start_are_reported(tmp_path):
     assert "model parameters differ across ranks at start-up: rank(s) [1] differ from rank 0" in result.stdout
     params = assert_same_on_every_rank(tmp_path, "careless")  # DDP made them equal
     assert params
+
+
+def listening_sockets(pids: list[int]) -> list[str]:
+    """Local addresses of the TCP sockets in LISTEN state that these processes hold."""
+    inodes = {}
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes[fields[9]] = (family, fields[1])
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                family, address = inodes[link[8:-1]]
+                host = address.split(":")[0]
+                if family == 4:
+                    found.append(".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.append("::1" if host == "0" * 24 + "01000000" else f"ipv6:{host}")
+    return found
+
+
+def test_a_self_launched_run_listens_on_loopback_only(tmp_path):
+    """No socket of the launcher or its workers listens on anything but 127.0.0.1."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{**FAULT, "name": "quiet", "max_steps": 4,
+                                 "fail": {"rank": 0, "step": 2, "kind": "sleep", "seconds": 6}}]))
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "fit_configs.py"), str(spec)], cwd=tmp_path,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen += listening_sockets([proc.pid, *descendants(proc.pid)])
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, out[-3000:]
+    assert seen, "no listening socket was ever seen; the check saw nothing"
+    assert set(seen) == {"127.0.0.1"}, seen

@@ -385,3 +385,20 @@ def test_ddp_on_one_device_runs_in_this_process():
     t.fit(model, loader(dataset(12), 4))
     assert_params_close(model.state_dict(), reference_sgd(n=12, global_batch=4, steps=3, lr=0.1))
     assert math.isfinite(float(t.callback_metrics["train_loss_step"]))
+
+
+def test_default_logger_writes_csv_and_tensorboard(tmp_path):
+    t = syncstep.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=str(tmp_path), log_every_n_steps=1,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    t.fit(Tiny(), loader(dataset(8), 4))
+    version = tmp_path / "syncstep_logs" / "version_0"
+    assert t.log_dir == str(version)
+    assert (version / "metrics.csv").exists()
+    events = list(version.glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(version))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("train_loss_step")] == [1, 2]
+    assert [e.value for e in accumulator.Scalars("lr-SGD")] == pytest.approx([0.1, 0.1])

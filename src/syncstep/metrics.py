@@ -84,7 +84,7 @@ class LogStore:
             entries.append((value, weight))
             if len(entries) >= _FOLD_EVERY:
                 self._fold(epoch_name)
-        if prog_bar:
+        if prog_bar and step_name not in self.prog_bar:
             self.prog_bar.update((step_name, epoch_name))
         if not logger:
             self.hidden.update((step_name, epoch_name))

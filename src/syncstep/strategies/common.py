@@ -57,4 +57,5 @@ class StepRunner(torch.nn.Module):
     def forward(self, stage: str, batch: Any, batch_idx: int, count: int) -> Any:
         context = self.log_context
         context.stage, context.count = stage, count
-        return getattr(self.module, _HOOKS[stage])(batch, batch_idx)
+        # self._modules["module"], not self.module: nn.Module's attribute fallback costs ~1.5 us a step.
+        return getattr(self._modules["module"], _HOOKS[stage])(batch, batch_idx)

@@ -19,6 +19,7 @@ class SingleDeviceStrategy:
         if len(devices) != 1:
             raise ValueError(f"strategy='single' runs on one device, got {len(devices)}; use 'ddp' or 'dp'.")
         self.devices = devices
+        self.on_cpu = devices[0].type == "cpu"
         self.runner: StepRunner | None = None
 
     def setup(self, runner: StepRunner) -> None:
@@ -26,7 +27,7 @@ class SingleDeviceStrategy:
         self.runner = runner
 
     def _move(self, batch: Any) -> Any:
-        return batch if self.devices[0].type == "cpu" else move_to_device(batch, self.devices[0])
+        return batch if self.on_cpu else move_to_device(batch, self.devices[0])
 
     def training_step(
         self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int

@@ -1,0 +1,106 @@
+"""syncstep's per-step overhead on W1 (MLP 64-128-10, batch 32, 1 thread), measured in one process.
+
+    python benchmarks/overhead.py [--reps 15] [--steps 1000]
+
+The hand-written loop, syncstep with the progress bar and loggers off, and syncstep as users run it
+(bar, CSV and TensorBoard loggers) take turns in the same process, rep after rep, so that a slow
+second of a shared machine hits all three alike; each rep times the steps after the first 50 from
+inside the training step. Prints the median microseconds per step and the ratio to the hand-written
+loop. The suite (run.py) measures the same in fresh processes, which a noisy machine spreads more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import syncstep
+
+WARMUP = 50
+
+
+def data(steps: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    n = (steps + WARMUP) * 32
+    return TensorDataset(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def per_step(ticks: list[float]) -> float:
+    return (ticks[-1] - ticks[WARMUP]) / (len(ticks) - 1 - WARMUP) * 1e6
+
+
+def hand(dataset: TensorDataset) -> float:
+    net = mlp()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    ticks = []
+    for x, y in DataLoader(dataset, batch_size=32, shuffle=True):
+        ticks.append(time.perf_counter())
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return per_step(ticks)
+
+
+class MLP(syncstep.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.ticks = mlp(), []
+
+    def training_step(self, batch, batch_idx):
+        self.ticks.append(time.perf_counter())
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def ours(dataset: TensorDataset, lean: bool) -> float:
+    model = MLP()
+    extra = dict(enable_progress_bar=False, logger=False) if lean else {}
+    with tempfile.TemporaryDirectory() as root:
+        trainer = syncstep.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=root, lr_scaling="none",
+                                   enable_checkpointing=False, **extra)
+        trainer.fit(model, DataLoader(dataset, batch_size=32, shuffle=True))
+    return per_step(model.ticks)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=1000)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dataset = data(args.steps)
+    runs = {"hand-written": [], "syncstep, bar and loggers off": [], "syncstep (defaults)": []}
+    for _ in range(args.reps):
+        runs["hand-written"].append(hand(dataset))
+        runs["syncstep, bar and loggers off"].append(ours(dataset, lean=True))
+        runs["syncstep (defaults)"].append(ours(dataset, lean=False))
+    base = statistics.median(runs["hand-written"])
+    print(f"\n{args.reps} interleaved reps of {args.steps} timed steps, syncstep {syncstep.__version__}, "
+          f"torch {torch.__version__}, 1 thread", file=sys.stderr)
+    print("| implementation | us/step (median) | min | ratio of steps/s to hand-written |")
+    print("| --- | --- | --- | --- |")
+    for name, values in runs.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {min(values):.1f} | {base / median:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
