@@ -630,13 +630,11 @@ class Trainer:
         self.global_step += 1
         return True
 
-    def _check_finite(self) -> None:
-        """Every rank learns the first step (since the last check) with a non-finite loss on any rank."""
-        losses = self._recent_losses
-        if self.on_nonfinite_loss == "skip":
-            return
-        bad_step = sys.maxsize
-        if losses:
+    def _agree(self) -> None:
+        """On every rank, with one all-reduce: whether any rank got SIGTERM, and the first step (since the
+        last call) at which any rank's loss was NaN or infinite, which stops the run on every rank."""
+        losses, bad_step = self._recent_losses, sys.maxsize
+        if losses and self.on_nonfinite_loss != "skip":  # "skip" agrees on every step instead
             values = [x for _, x in losses]
             try:
                 finite = torch.stack(values).isfinite().reshape(-1)
@@ -645,11 +643,14 @@ class Trainer:
             if not bool(finite.all()):
                 bad_step = losses[int((~finite).nonzero()[0, 0])][0]
         losses.clear()
-        # (step, rank) packed into one number so that one all-reduce names both.
+        # (step, rank) packed into one number, so that the minimum names both.
         found = bad_step * 1_000_000 + self.global_rank if bad_step != sys.maxsize else 2**62
+        stop = int(self._stop_signal)
         if dist.initialized():
-            packed = torch.tensor([found], dtype=torch.int64, device=self._reduce_device())
-            found = int(dist.all_reduce(packed, "min").item())
+            packed = torch.tensor([found, -stop], dtype=torch.int64, device=self._reduce_device())
+            found, stop = dist.all_reduce(packed, "min").tolist()
+            stop = -stop
+        self._stop_signal = bool(stop)
         if found != 2**62:
             step, rank = divmod(found, 1_000_000)
             raise NonFiniteLossError(
@@ -668,7 +669,7 @@ class Trainer:
         return self._strategy.devices[0] if self._strategy.devices[0].type == "cuda" else torch.device("cpu")
 
     def _log_step(self, epoch: int) -> None:
-        self._check_finite()
+        self._agree()
         values = self._logs.step_values(self._sum_over_ranks)
         for name, opt, multiplier in zip(self._lr_names, self.optimizers, self._multipliers):
             lrs = effective_lrs(opt, multiplier)
@@ -696,7 +697,7 @@ class Trainer:
         epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
         resumed run steps them exactly once, as an uninterrupted run does.
         """
-        self._check_finite()
+        self._agree()
         step_values = self._logs.step_values(self._sum_over_ranks)
         self._update_callback_metrics(step_values)
         epoch_values = self._logs.epoch_values(self._sum_over_ranks, dist.union_of_names)
@@ -791,7 +792,7 @@ class Trainer:
     def _save_checkpoint(self, model: Module, epoch_finished: bool) -> None:
         if not self.enable_checkpointing:
             return
-        self._check_finite()
+        self._agree()
         state = self._checkpoint_state(model, epoch_finished)
         if self.is_global_zero:
             directory = self.checkpoint_dir
@@ -872,12 +873,8 @@ class Trainer:
         return signal.signal(signal.SIGTERM, handler)
 
     def _stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM; checked with one all-reduce per logging step."""
-        if self._env.world_size == 1:
+        """True on every rank once any rank got SIGTERM: at once in one process; on several, at the next
+        logging step, where ``_agree`` has just exchanged the flag (with the NaN check, one all-reduce)."""
+        if self._env.world_size == 1 or self.global_step % self.log_every_n_steps == 0:
             return self._stop_signal
-        if self.global_step % self.log_every_n_steps:
-            return False
-        flag = torch.tensor([float(self._stop_signal)], device=self._reduce_device())
-        dist.all_reduce(flag, "max")
-        self._stop_signal = bool(flag.item())
-        return self._stop_signal
+        return False
