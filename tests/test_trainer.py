@@ -22,27 +22,10 @@ def trainer(**kwargs) -> syncstep.Trainer:
     return syncstep.Trainer(accelerator="cpu", **kwargs)
 
 
-def hand_loop(n, batch, steps, lr_at, *, epochs=1, order=None, momentum=0.0, clip=None):
-    """Plain PyTorch: SGD whose LR at step t is lr_at(t)."""
-    ds, net = dataset(n), make_net()
-    opt = torch.optim.SGD(net.parameters(), lr=lr_at(0), momentum=momentum)
-    t = 0
-    for epoch in range(epochs):
-        idx = list(range(n)) if order is None else order(epoch)
-        for start in range(0, n, batch):
-            if t == steps:
-                break
-            x, y = ds[idx[start:start + batch]]
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(t)
-            opt.step()
-            t += 1
-    return {f"net.{k}": v for k, v in net.state_dict().items()}
+def hand_loop(n, batch, steps, lr_at, *, epochs=1, order=None, momentum=False, clip=None):
+    """Plain PyTorch SGD whose LR at step t is lr_at(t) (common.reference_sgd)."""
+    return reference_sgd(n, batch, steps, lr_at, order=order, epochs=epochs, clip=clip,
+                         optimizer="sgd_momentum" if momentum else "sgd")
 
 
 # -- training equals the hand-written loop --------------------------------------------------------
@@ -51,7 +34,7 @@ def test_single_device_equals_hand_written_loop_with_shuffling_and_momentum():
     t = trainer(max_epochs=3, seed=11, lr_scaling="none")
     model = Tiny(lr=0.05, optimizer="sgd_momentum")
     t.fit(model, loader(dataset(30), 4, shuffle=True))
-    expected = hand_loop(30, 4, t.global_step, lambda s: 0.05, epochs=3, order=shuffled_order(30, 11), momentum=0.9)
+    expected = hand_loop(30, 4, t.global_step, lambda s: 0.05, epochs=3, order=shuffled_order(30, 11), momentum=True)
     assert t.global_step == 3 * 8
     assert_params_close(model.state_dict(), expected)
 

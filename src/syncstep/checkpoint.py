@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,16 +41,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` with torch.save so that ``path`` is always either the old or the new file."""
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write`` a hidden temporary beside ``path``, then rename it over ``path`` and fsync the folder."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -58,11 +55,22 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_dir(directory)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """Write ``obj`` with torch.save so that ``path`` is always either the old or the new file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_atomically(path, write)
+
+
 def atomic_link(source: str, path: str) -> None:
     """Make ``path`` name the same file as ``source`` (a hard link, or a copy where links fail)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: str) -> None:
         try:
             os.link(source, tmp)
         except OSError:
@@ -71,11 +79,8 @@ def atomic_link(source: str, path: str) -> None:
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(directory)
+
+    _replace_atomically(path, write)
 
 
 def remove_stale_temporaries(directory: str) -> None:

@@ -96,12 +96,16 @@ def loader(ds, batch_size: int, shuffle: bool = False, drop_last: bool = False) 
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
 
 
-def reference_sgd(n: int, global_batch: int, steps: int, lr: float, order=None, epochs: int = 1,
-                  optimizer: str = "sgd", seed: int = 0, batchnorm: bool = False) -> dict:
-    """Hand-written single-process training: batches of ``global_batch`` samples in ``order``."""
+def reference_sgd(n: int, global_batch: int, steps: int, lr, order=None, epochs: int = 1,
+                  optimizer: str = "sgd", seed: int = 0, batchnorm: bool = False, clip: float | None = None) -> dict:
+    """Hand-written single-process training: batches of ``global_batch`` samples in ``order``.
+
+    ``lr`` is a number, or a function of the step (set on the optimizer before each step).
+    """
     ds = dataset(n)
     net = make_net(seed, batchnorm)
-    opt = make_optimizer(optimizer, net.parameters(), lr)
+    lr_at = lr if callable(lr) else (lambda step: lr)
+    opt = make_optimizer(optimizer, net.parameters(), lr_at(0))
     done = 0
     for epoch in range(epochs):
         idx = list(range(n)) if order is None else order(epoch)
@@ -112,6 +116,10 @@ def reference_sgd(n: int, global_batch: int, steps: int, lr: float, order=None, 
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(done)
             opt.step()
             done += 1
     return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
