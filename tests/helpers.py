@@ -27,6 +27,7 @@ def clean_env(**extra: str) -> dict[str, str]:
            if not k.startswith(("SLURM_", "TORCHELASTIC_", "MASTER_", "GROUP_", "ROLE_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash in C++ still shows the Python stack of every thread
     env.update(extra)
     return env
 

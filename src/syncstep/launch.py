@@ -186,8 +186,10 @@ def self_launch(nprocs: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+    # PYTHONFAULTHANDLER: a worker that crashes in C++ (SIGSEGV, SIGABRT) still prints where Python was.
     base = dict(os.environ, SYNCSTEP_FILE_STORE=os.path.join(workdir, "store"), SYNCSTEP_ERROR_DIR=workdir,
-                WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", MASTER_ADDR="127.0.0.1")
+                WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                PYTHONFAULTHANDLER=os.environ.get("PYTHONFAULTHANDLER", "1"))
     workers = [subprocess.Popen(command, env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nprocs)]
 
     def stop(signum: int = signal.SIGTERM, grace: float = 10.0) -> None:
