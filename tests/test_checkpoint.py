@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import sys
 
 import pytest
@@ -69,10 +70,16 @@ def test_truncated_and_random_files_are_refused_with_the_file_named(saved, tmp_p
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="truncated.ckpt is not a readable checkpoint"):
         checkpoint.load(str(truncated))
-    noise = tmp_path / "noise.ckpt"
-    noise.write_bytes(os.urandom(4096))
-    with pytest.raises(checkpoint.CheckpointError, match="noise.ckpt is not a readable checkpoint"):
-        checkpoint.load(str(noise))
+    for seed in range(20):  # random bytes: torch.load fails in many different ways; all are one error
+        noise = tmp_path / f"noise{seed}.ckpt"
+        noise.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(checkpoint.CheckpointError, match=f"noise{seed}.ckpt is not a readable checkpoint"):
+            checkpoint.load(str(noise))
+    # The same bytes behind a valid zip header (what a partly overwritten checkpoint looks like).
+    mangled = tmp_path / "mangled.ckpt"
+    mangled.write_bytes(data[:200] + random.Random(1).randbytes(len(data) - 200))
+    with pytest.raises(checkpoint.CheckpointError, match="mangled.ckpt is not a readable checkpoint"):
+        checkpoint.load(str(mangled))
 
 
 class Payload:
