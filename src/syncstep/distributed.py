@@ -15,14 +15,6 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if initialized() else 0
-
-
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum / max / min of ``tensor`` over processes (in place, also returned)."""
     if initialized():
