@@ -15,6 +15,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_png: str) -> str:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def read_metrics(csv_path: str) -> list[dict[str, float]]:
     with open(csv_path, newline="") as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
@@ -35,11 +43,7 @@ def plot_metrics(csv_path: str, out_png: str, loss: str = "train_loss", metric: 
         right.plot([e + 1 for e, _ in epochs], [v for _, v in epochs], marker="o", color="tab:green")
     right.set(title=f"{metric} (per epoch)", xlabel="epoch", ylabel=metric)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def plot_lr_schedule(lrs: dict[str, list[float]], out_png: str, steps_per_epoch: int | None = None,
@@ -56,8 +60,4 @@ def plot_lr_schedule(lrs: dict[str, list[float]], out_png: str, steps_per_epoch:
     ax.set(title=title, xlabel="optimizer step", ylabel="learning rate")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
