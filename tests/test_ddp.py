@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common import dataset, make_net, reference_sgd, shuffled_order
-from helpers import SCRIPTS, clean_env, free_port, load_result, run_configs, run_together
+from helpers import SCRIPTS, clean_env, free_port, load_result, run, run_configs, run_together
 
 ATOL = 1e-6
 
@@ -176,3 +177,16 @@ def test_a_rank_that_raises_ends_the_run_with_its_traceback(tmp_path):
     assert "injected failure at step 3" in result.stdout
     assert "rank 1" in result.stdout
     assert "Traceback" in result.stdout
+
+
+def test_the_process_group_is_really_destroyed_at_exit(tmp_path):
+    # DDP imports torch.distributed.nn.functional, whose default arguments would otherwise pin the
+    # group for the life of the process: gloo's threads then outlive destroy_process_group() and are torn
+    # down during interpreter shutdown, where one can abort the process (SIGABRT, "terminate called
+    # without an active exception"; seen in CI). The script reports from an atexit handler that runs
+    # after syncstep's own teardown.
+    result = run([sys.executable, str(SCRIPTS / "exit_threads.py")], timeout=120, cwd=str(tmp_path))
+    for rank in range(2):
+        during = re.search(rf"rank {rank}: gloo threads after fit: (\d+)", result.stdout)
+        assert during and int(during.group(1)) > 0, result.stdout[-3000:]  # the count does see gloo's threads
+        assert f"rank {rank}: gloo threads at exit: 0" in result.stdout, result.stdout[-3000:]

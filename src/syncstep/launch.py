@@ -114,6 +114,13 @@ def init_process_group(env: Environment, device: torch.device, timeout: timedelt
         if name:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+    # torch.distributed.nn.functional binds `group=group.WORLD` as a default argument when imported; DDP
+    # imports it, and after init that pins the process group for the life of the process, so
+    # destroy_process_group() at exit cannot stop gloo's threads and the group is torn down during
+    # interpreter shutdown instead, where a gloo thread can abort the process ("terminate called without
+    # an active exception"). Imported now, before the group exists, the defaults are None.
+    import torch.distributed.nn.functional  # noqa: F401
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if env.source == "local":  # strategy="ddp" on one device, nothing launched: a world of one
