@@ -94,30 +94,38 @@ class TrainBatchSampler(Sampler[list[int]]):
 
     def __init__(self, layout: StepLayout, replicas: list[int]):
         self.layout, self.replicas = layout, replicas
-        self.steps: list[tuple[int, list[list[tuple[int, list[int]]]]]] = []
+        self.full_steps = 0  # leading steps in which every replica gets a whole batch
+        self.tail: list[tuple[int, list[list[tuple[int, list[int]]]]]] = []  # the rest (at most one step)
+        self.batches: list[list[int]] = []
 
     def set_epoch(self, order: list[int], start_sample: int = 0) -> None:
-        """Per step: (samples in the step on all replicas, per micro-batch a list over our replicas of
-        (real sample count, indices to load)).
+        """Lay out the epoch: ``full_steps`` whole steps, then ``tail``, per step (samples in the step on all
+        replicas, per micro-batch a list over our replicas of (real sample count, indices to load)).
 
         A replica with no sample gets the micro-batch's samples with count 0 (see the module docstring).
-        DP drops such replicas itself; DDP must run them.
+        DP drops such replicas itself; DDP must run them. Whole steps are cut with one slice per batch
+        (this runs once per epoch, over every sample: ~1 us a step for a large epoch).
         """
-        self.steps = []
-        for step in range(self.layout.num_steps(start_sample)):
+        layout, replicas = self.layout, self.replicas
+        world, g = layout.world_size, layout.global_batch_size
+        chunk = layout.per_device_batch_size * world
+        num_steps = layout.num_steps(start_sample)
+        self.full_steps = min(num_steps, (layout.num_samples - start_sample) // g)
+        end = start_sample + self.full_steps * g
+        self.batches = [order[begin + r : begin + chunk : world]
+                        for begin in range(start_sample, end, chunk) for r in replicas]
+        self.tail = []
+        for step in range(self.full_steps, num_steps):
             micro, step_samples = [], 0
-            for shards in self.layout.micro_batches(order, step, start_sample):
+            for shards in layout.micro_batches(order, step, start_sample):
                 everything = None if all(shards) else [i for shard in shards for i in shard]
-                micro.append([(len(shards[r]), shards[r] or everything) for r in self.replicas])
+                micro.append([(len(shards[r]), shards[r] or everything) for r in replicas])
                 step_samples += sum(len(shard) for shard in shards)
-            self.steps.append((step_samples, micro))
+            self.tail.append((step_samples, micro))
+            self.batches += [indices for replica_batches in micro for _, indices in replica_batches]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _, step in self.steps:
-            for micro in step:
-                for _, indices in micro:
-                    yield indices
-
+        return iter(self.batches)
 
 
 class EvalBatchSampler(Sampler[list[int]]):
@@ -263,8 +271,13 @@ class TrainData:
             return self._plan_as_is(), iter(self.loader)
         self.sampler.set_epoch(self._order(epoch), start_sample)
         self.built.generator.manual_seed(self.shuffle_seed + epoch)  # workers' seeds: per epoch, resumable
-        plan = []
-        for step_samples, step in self.sampler.steps:
+        layout, sampler = self.layout, self.sampler
+        # Whole steps all look alike: one shared entry, so the plan costs nothing per step.
+        counts = (layout.per_device_batch_size,) * len(self.replicas)
+        whole = [(counts, tuple(loss_weight(c, layout.global_batch_size, self.gradient_averaging) for c in counts),
+                  a == layout.accumulate_grad_batches - 1) for a in range(layout.accumulate_grad_batches)]
+        plan = [(layout.global_batch_size, whole)] * sampler.full_steps
+        for step_samples, step in sampler.tail:
             last = len(step) - 1
             micro = []
             for a, replicas in enumerate(step):
