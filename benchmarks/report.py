@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 TITLES = {
     "w1": "W1 tiny: MLP 64-128-10, batch 32, CPU (framework overhead dominates)",
     "w2": "W2 medium: MLP 1024-2048-2048-10, batch 128, CPU (compute dominates)",
@@ -27,25 +29,41 @@ def _spread(entry: dict, digits: int = 2) -> tuple[str, str]:
     return _num(entry["median"], digits), f"{_num(entry['min'], digits)} - {_num(entry['max'], digits)}"
 
 
+def paired_ratio(summary: dict, a: str, b: str) -> float | None:
+    """Median over rounds of (steps/s of ``a``) / (steps/s of ``b``) in the same round.
+
+    The two runs of a pair are minutes apart at most, so a slow stretch of a shared machine hits both;
+    the ratio of two medians taken over the whole suite does not cancel such drifts.
+    """
+    if a not in summary or b not in summary:
+        return None
+    def by_round(name: str) -> dict:
+        return dict(zip(summary[name]["rounds"], summary[name]["steps_per_s"]["values"]))
+    first, second = by_round(a), by_round(b)
+    ratios = [first[r] / second[r] for r in first if r in second and second[r]]
+    return statistics.median(ratios) if ratios else None
+
+
 def _throughput_table(workload: str, impls: dict) -> list[str]:
     ddp = workload == "w3"
-    head = "| implementation | processes | steps/s (median) | min - max | vs hand-written | CPU us/step |"
+    head = ("| implementation | processes | steps/s (median) | min - max | vs hand-written | CPU us/step "
+            "| CPU vs hand-written |")
     head += " scaling efficiency | start-up (s) | final loss |" if ddp else " start-up (s) | final loss |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, entry in impls.items():
         median, minmax = _spread(entry["steps_per_s"])
         reference = impls.get("hand-written-ddp" if name.endswith("-ddp") else "hand-written")
-        ratio = ""
-        if reference and entry["steps_per_s"]["median"] and reference["steps_per_s"]["median"]:
-            ratio = f"{entry['steps_per_s']['median'] / reference['steps_per_s']['median']:.3f}"
+        reference_name = "hand-written-ddp" if name.endswith("-ddp") else "hand-written"
+        ratio = paired_ratio(impls, name, reference_name) if reference else None
         cpu = entry.get("cpu_us_per_step", {}).get("median") if entry.get("threads") == 1 else None
-        row = f"| {name} | {entry.get('world_size') or ''} | {median} | {minmax} | {ratio} | {_num(cpu, 0)} |"
+        reference_cpu = reference.get("cpu_us_per_step", {}).get("median") if reference and cpu else None
+        cpu_ratio = reference_cpu / cpu if reference_cpu and cpu else None
+        row = (f"| {name} | {entry.get('world_size') or ''} | {median} | {minmax} | {_num(ratio, 3)} | {_num(cpu, 0)} "
+               f"| {_num(cpu_ratio, 3)} |")
         if ddp:
-            single = impls.get(name.removesuffix("-ddp"))
-            efficiency = ""
-            if name.endswith("-ddp") and single and single["steps_per_s"]["median"] and entry["steps_per_s"]["median"]:
-                efficiency = f"{entry['steps_per_s']['median'] / single['steps_per_s']['median']:.3f}"
-            row += f" {efficiency} |"
+            single = name.removesuffix("-ddp")
+            efficiency = paired_ratio(impls, name, single) if name.endswith("-ddp") and single in impls else None
+            row += f" {_num(efficiency, 3) if efficiency else ''} |"
         row += f" {_num(entry['startup_s']['median'])} | {_num(entry['final_loss'], 6)} |"
         lines.append(row)
     return lines
@@ -107,7 +125,8 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
         "",
         "## Targets",
         "",
-        "Medians of the same run on the same machine.",
+        "Same run, same machine. Throughput ratios are the median over rounds of the ratio within a round",
+        "(each round runs every implementation once, minutes apart; see Throughput).",
         "",
         "| target | measured | goal | |",
         "| --- | --- | --- | --- |",
@@ -117,16 +136,20 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
         lines.append(f"| {row['target']} | {_num(row['value'], 3)} | {row['goal']} | {verdict} |")
     lines += ["", "## Throughput", "",
               "Steady-state optimizer steps per second (warm-up steps left out), median over the rounds and",
-              "min - max. CPU us/step (for runs with 1 thread): the main thread's CPU time per step, median; a busy",
-              "machine disturbs it less than wall time. Start-up: from launching the command to the first optimizer",
-              "step done. W1 runs with one thread (it measures framework overhead, and on 2 cores two intra-op threads "
-              "add scheduling noise); W2 with torch's default threads.",
+              "min - max. vs hand-written: in each round, this implementation's steps/s over the hand-written",
+              "loop's, median over the rounds (a round runs every implementation once, in an order that rotates",
+              "from round to round, so a slow stretch of the machine hits both runs of a pair). CPU us/step: the",
+              "main thread's CPU time per step, median; a busy machine disturbs it less than wall time; CPU vs",
+              "hand-written is the hand-written median over this one. Start-up: from launching the command to the",
+              "first optimizer step done. Every run uses one intra-op thread: on 2 cores, two threads make each",
+              "step wait for the slower core, and steps/s of the same command then moved by +-20% between runs.",
               ""]
     for workload, impls in results["throughput"].items():
         steps, warmup = s[workload]
         lines += [f"### {TITLES[workload]}", "", f"{steps} steps per run, the first {warmup} not timed.", ""]
         lines += _throughput_table(workload, impls) + [""]
-    lines += ["Scaling efficiency: steps/s with 2 processes over steps/s with 1, at the same per-process batch",
+    lines += ["Scaling efficiency: steps/s with 2 processes over steps/s with 1 (same round, median over rounds),",
+              "at the same per-process batch",
               "(1.0 is ideal: twice the samples per second).", "", "## Import time", "",
               "Wall time of `python -c \"import X\"` in fresh processes, interleaved, and the time `import X` takes",
               "once torch is imported, measured inside the process.", "",
@@ -151,7 +174,10 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
         "## Method",
         "",
         "- Every measurement is a fresh process, in a fresh directory. The implementations of a workload run",
-        "  interleaved (A B C A B C ...), so that a busy moment of the machine hits all of them alike.",
+        "  in rounds: each round runs every implementation once, starting one further along each time",
+        "  (A B C, B C A, C A B, ...), so that none always runs first or after the same neighbour. Ratios to",
+        "  the hand-written loop are taken within a round, then the median over rounds: a slow stretch of the",
+        "  shared machine then hits both runs of a pair. One intra-op thread per process everywhere.",
         "- The three build the same MLP from the same seed, read the same synthetic data (inputs from N(0, 1),",
         "  labels from a fixed random linear teacher) in the same order (`shuffle=False`) and take the same",
         "  SGD steps (lr 0.01, momentum 0.9); see *Same work*.",

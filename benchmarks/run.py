@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from report import render_markdown
+from report import paired_ratio, render_markdown
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,7 +87,7 @@ def run_process(cmd: list[str], env: dict[str, str], cwd: str, log: Path, timeou
     return code, time.perf_counter() - start
 
 
-def run_case(case: Case, timeout: float = 600) -> None:
+def run_case(case: Case, round_index: int = 0, timeout: float = 600) -> None:
     """One measurement in a fresh process, in a fresh directory (logs and checkpoints land there)."""
     with tempfile.TemporaryDirectory(prefix="syncstep-bench-") as tmp:
         out = Path(tmp) / "result.json"
@@ -102,6 +102,7 @@ def run_case(case: Case, timeout: float = 600) -> None:
         result = json.loads(out.read_text())
     result["startup_s"] = result["first_step_done"] - t0
     result["wall_s"] = wall
+    result["round"] = round_index
     case.runs.append(result)
     print(f"  {case.name:<22} {result['steps_per_s']:9.2f} steps/s  start-up {result['startup_s']:.2f} s  "
           f"loss {result['final_loss']:.6f}", flush=True)
@@ -119,9 +120,11 @@ def torchrun(nprocs: int) -> list[str]:
 def cases_for(workload: str, steps: int, warmup: int, lightning: bool) -> list[Case]:
     args = (workload, steps, warmup)
     if workload != "w3":
-        # W1 measures framework overhead: one thread, because on 2 cores torch's 2 intra-op threads for a
-        # 64x128 matmul add +-20% of scheduling noise between runs. W2 keeps torch's default threads.
-        env = {"OMP_NUM_THREADS": "1"} if workload == "w1" else {}
+        # One thread, as in W3: on 2 cores torch's 2 intra-op threads make every step wait for the slower of
+        # two cores, so anything else running on the machine (even the suite's own bookkeeping) moves
+        # steps/s by +-20% between runs (W2 ratios of 0.80 - 1.29 in earlier suites, Lightning's included).
+        # One thread measures the same framework against the same compute, and gives CPU time per step too.
+        env = {"OMP_NUM_THREADS": "1"}
         cases = [Case("hand-written", worker("handwritten.py", *args), env),
                  Case("syncstep", worker("syncstep_train.py", *args), env)]
         if workload == "w1":  # where overhead shows: how much of it is the bar and the loggers
@@ -144,10 +147,12 @@ def cases_for(workload: str, steps: int, warmup: int, lightning: bool) -> list[C
 
 
 def interleave(cases: list[Case], rounds: int) -> None:
+    """Round r runs every case once, starting at case r (mod the number of cases): no implementation
+    always runs first, or right after the same neighbour, on a machine whose speed drifts."""
     for r in range(rounds):
         print(f" round {r + 1}/{rounds}", flush=True)
-        for case in cases:
-            run_case(case)
+        for i in range(len(cases)):
+            run_case(cases[(r + i) % len(cases)], r)
 
 
 def spread(values: list[float]) -> dict:
@@ -164,6 +169,7 @@ def summarise(cases: list[Case]) -> dict:
             "command": " ".join(Path(c).name if c == PY else c for c in case.cmd),
             "env": case.env,
             "steps_per_s": spread([r["steps_per_s"] for r in case.runs]),
+            "rounds": [r.get("round") for r in case.runs],
             "startup_s": spread([r["startup_s"] for r in case.runs]),
             "cpu_us_per_step": spread([r["cpu_us_per_step"] for r in case.runs]),
             "final_loss": first.get("final_loss"),
@@ -259,13 +265,15 @@ def evaluate_targets(results: dict) -> list[dict]:
         entry = results["throughput"].get(workload, {}).get(impl)
         return entry[what]["median"] if entry else None
 
+    def paired(workload: str, a: str, b: str) -> float | None:
+        return paired_ratio(results["throughput"].get(workload, {}), a, b)
+
     rows = []
     for name, how, goal, comparison in TARGETS:
         kind, *rest = how.split()
         value = None
         if kind == "ratio":
-            a, b = median(rest[0], rest[1], "steps_per_s"), median(rest[0], rest[2], "steps_per_s")
-            value = a / b if a and b else None
+            value = paired(*rest)
         elif kind == "startup":
             a, b = median(rest[0], rest[1], "startup_s"), median(rest[0], rest[2], "startup_s")
             value = a - b if a is not None and b is not None else None
