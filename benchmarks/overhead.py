@@ -1,6 +1,10 @@
 """syncstep's per-step overhead on W1 (MLP 64-128-10, batch 32, 1 thread), measured in one process.
 
-    python benchmarks/overhead.py [--reps 15] [--steps 1000]
+    python benchmarks/overhead.py [--reps 15] [--steps 1000] [--model w1|linear]
+
+``--model linear`` trains one Linear(64, 10) on batches of 2 instead: the torch work per step shrinks to
+little more than the calls themselves, so the difference to the hand-written loop is the framework's
+own Python per step, with less of the machine's noise on top.
 
 The hand-written loop, syncstep with the progress bar and loggers off, and syncstep as users run it
 (bar, CSV and TensorBoard loggers) take turns in the same process, rep after rep, so that a slow
@@ -24,16 +28,19 @@ from torch.utils.data import DataLoader, TensorDataset
 import syncstep
 
 WARMUP = 50
+MODEL = {"name": "w1", "batch_size": 32}  # set by --model
 
 
 def data(steps: int) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    n = (steps + WARMUP) * 32
+    n = (steps + WARMUP) * MODEL["batch_size"]
     return TensorDataset(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
+    if MODEL["name"] == "linear":
+        return torch.nn.Linear(64, 10)
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
@@ -45,7 +52,7 @@ def hand(dataset: TensorDataset) -> float:
     net = mlp()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     ticks = []
-    for x, y in DataLoader(dataset, batch_size=32, shuffle=True):
+    for x, y in DataLoader(dataset, batch_size=MODEL["batch_size"], shuffle=True):
         ticks.append(time.perf_counter())
         loss = F.cross_entropy(net(x), y)
         loss.backward()
@@ -76,7 +83,7 @@ def ours(dataset: TensorDataset, lean: bool) -> float:
     with tempfile.TemporaryDirectory() as root:
         trainer = syncstep.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=root, lr_scaling="none",
                                    enable_checkpointing=False, **extra)
-        trainer.fit(model, DataLoader(dataset, batch_size=32, shuffle=True))
+        trainer.fit(model, DataLoader(dataset, batch_size=MODEL["batch_size"], shuffle=True))
     return per_step(model.ticks)
 
 
@@ -84,22 +91,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--model", choices=("w1", "linear"), default="w1")
     args = p.parse_args()
+    MODEL.update(name=args.model, batch_size=32 if args.model == "w1" else 2)
     torch.set_num_threads(1)
     dataset = data(args.steps)
     runs = {"hand-written": [], "syncstep, bar and loggers off": [], "syncstep (defaults)": []}
-    for _ in range(args.reps):
-        runs["hand-written"].append(hand(dataset))
-        runs["syncstep, bar and loggers off"].append(ours(dataset, lean=True))
-        runs["syncstep (defaults)"].append(ours(dataset, lean=False))
+    measure = {"hand-written": lambda: hand(dataset),
+               "syncstep, bar and loggers off": lambda: ours(dataset, lean=True),
+               "syncstep (defaults)": lambda: ours(dataset, lean=False)}
+    names = list(measure)
+    for rep in range(args.reps):  # the order rotates, so that none always runs first or after the same one
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            runs[name].append(measure[name]())
     base = statistics.median(runs["hand-written"])
     print(f"\n{args.reps} interleaved reps of {args.steps} timed steps, syncstep {syncstep.__version__}, "
-          f"torch {torch.__version__}, 1 thread", file=sys.stderr)
-    print("| implementation | us/step (median) | min | ratio of steps/s to hand-written |")
-    print("| --- | --- | --- | --- |")
+          f"torch {torch.__version__}, 1 thread, model {args.model}", file=sys.stderr)
+    print("| implementation | us/step (median) | min | ratio of steps/s to hand-written | same rep: ratio, median |")
+    print("| --- | --- | --- | --- | --- |")
     for name, values in runs.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {min(values):.1f} | {base / median:.3f} |")
+        paired = statistics.median(h / v for h, v in zip(runs["hand-written"], values))
+        print(f"| {name} | {median:.1f} | {min(values):.1f} | {base / median:.3f} | {paired:.3f} |")
 
 
 if __name__ == "__main__":

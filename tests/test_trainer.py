@@ -385,3 +385,9 @@ def test_default_logger_writes_csv_and_tensorboard(tmp_path):
     accumulator.Reload()
     assert [e.step for e in accumulator.Scalars("train_loss_step")] == [1, 2]
     assert [e.value for e in accumulator.Scalars("lr-SGD")] == pytest.approx([0.1, 0.1])
+    # The same values as metrics.csv (float32 in the event file), and no "epoch" scalar.
+    with open(version / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train_loss_step")]
+    assert [e.value for e in accumulator.Scalars("train_loss_step")] == pytest.approx(
+        [float(row["train_loss_step"]) for row in rows], rel=1e-6)
+    assert "epoch" not in accumulator.Tags()["scalars"]

@@ -188,15 +188,21 @@ class TensorBoardLogger:
     """TensorBoard event files next to metrics.csv (imported only when used)."""
 
     def __init__(self, log_dir: str) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import scalar
 
         self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir=log_dir)
+        self._summary, self._scalar = Summary, scalar
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            if name != "epoch":
-                self.writer.add_scalar(name, value, step)
+        # One event holding every scalar of the step, rather than add_scalar's one event per scalar: each
+        # event is a hand-off to SummaryWriter's writer thread, and one event for 4 scalars costs 120 us
+        # against 250-320 us (~3 us a training step at log_every_n_steps=50). Readers see the same scalars.
+        values = [v for name, value in metrics.items() if name != "epoch" for v in self._scalar(name, value).value]
+        if values:
+            self.writer.file_writer.add_summary(self._summary(value=values), step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         self.writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in params.items()))
