@@ -200,6 +200,8 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
         "make bench                    # creates .venv-bench (dev requirements, syncstep, Lightning), runs the suite",
         "make -C benchmarks quick      # a short run to check that everything works",
         ".venv-bench/bin/python benchmarks/run.py --render benchmarks/results/cpu.json   # only rewrite this page",
+        ".venv-bench/bin/python benchmarks/overhead.py --reps 15               # per-step cost, in one process (W1)",
+        ".venv-bench/bin/python benchmarks/overhead.py --reps 15 --steps 3000 --model linear  # the framework alone",
         "```",
         "",
         "Results: `benchmarks/results/cpu.json` (`cpu-quick.json` for `--quick`). For your own machine and",
