@@ -104,13 +104,13 @@ class TrainBatchSampler(Sampler[list[int]]):
 
         A replica with no sample gets the micro-batch's samples with count 0 (see the module docstring).
         DP drops such replicas itself; DDP must run them. Whole steps are cut with one slice per batch
-        (this runs once per epoch, over every sample: ~1 us a step for a large epoch).
+        (this runs once per epoch, over every sample: 1-3 us a step).
         """
         layout, replicas = self.layout, self.replicas
         world, g = layout.world_size, layout.global_batch_size
         chunk = layout.per_device_batch_size * world
         num_steps = layout.num_steps(start_sample)
-        self.full_steps = min(num_steps, (layout.num_samples - start_sample) // g)
+        self.full_steps = max(0, min(num_steps, (layout.num_samples - start_sample) // g))
         end = start_sample + self.full_steps * g
         self.batches = [order[begin + r : begin + chunk : world]
                         for begin in range(start_sample, end, chunk) for r in replicas]
