@@ -635,11 +635,11 @@ class Trainer:
         last call) at which any rank's loss was NaN or infinite, which stops the run on every rank."""
         losses, bad_step = self._recent_losses, sys.maxsize
         if losses and self.on_nonfinite_loss != "skip":  # "skip" agrees on every step instead
-            values = [x for _, x in losses]
-            if values[0].device.type == "cpu":
+            if losses[0][1].device.type == "cpu":
                 # On the CPU, Python floats cost less than a stack and a reduction (~2x).
                 bad_step = next((step for step, x in losses if not math.isfinite(float(x))), bad_step)
             else:  # on a GPU: one tensor, one sync
+                values = [x for _, x in losses]
                 try:
                     finite = torch.stack(values).isfinite().reshape(-1)
                 except RuntimeError:  # losses of different shapes ((), (1,)) or devices
