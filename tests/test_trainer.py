@@ -56,6 +56,86 @@ def test_warmup_in_training_follows_the_documented_ramp():
     assert_params_close(model.state_dict(), hand_loop(60, 12, 5, lambda s: ramp[s]))
 
 
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_warmup_then_plain_steps_match_the_hand_written_loop(interval):
+    # k = 1 with warmup_start_factor=0.1: the LR ramps up to the user's 0.1 and then stays, so the steps
+    # after the warmup take the trainer's plain path (step and zero_grad only). Both must match.
+    warmup = {"warmup_steps": 3} if interval == "step" else {"warmup_epochs": 1, "warmup_interval": "epoch"}
+    t = trainer(max_epochs=3, lr_scaling="none", warmup_start_factor=0.1, **warmup)
+    model = Tiny(lr=0.1)
+    t.fit(model, loader(dataset(16), 4))
+    ramp = [0.01, 0.04, 0.07] if interval == "step" else [0.01] * 4
+    expected = hand_loop(16, 4, 12, lambda s: ramp[s] if s < len(ramp) else 0.1, epochs=3)
+    assert t.global_step == 12
+    assert_params_close(model.state_dict(), expected)
+
+
+def test_logged_step_and_epoch_values_are_the_losses_of_a_hand_written_loop(tmp_path):
+    t = syncstep.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=str(tmp_path), logger="csv",
+                         log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False,
+                         lr_scaling="none")
+    t.fit(Tiny(lr=0.1), loader(dataset(16), 4))
+    ds, net = dataset(16), make_net()
+    opt, losses = torch.optim.SGD(net.parameters(), lr=0.1), []
+    for s in range(4):
+        x, y = ds[s * 4:(s + 1) * 4]
+        loss = F.cross_entropy(net(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with open(tmp_path / "syncstep_logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["train_loss_step"]) for r in rows if r["train_loss_step"]] == pytest.approx(losses, rel=1e-6)
+    assert [float(r["train_loss_epoch"]) for r in rows if r["train_loss_epoch"]] == pytest.approx(
+        [sum(losses) / 4], rel=1e-6)
+    # callback_metrics: float64 tensors of the latest values, made when read.
+    assert t.callback_metrics["train_loss_step"].dtype == torch.float64
+    assert float(t.callback_metrics["train_loss_step"]) == pytest.approx(losses[-1], rel=1e-6)
+    values = t.validate(Tiny(), loader(dataset(8), 4))  # a fresh model: a different loss, seen at once
+    assert float(t.callback_metrics["val_loss"]) == values[0]["val_loss"]
+
+
+def test_progress_bar_counts_every_step_and_shows_the_last_logged_value(capfd):
+    class Model(Tiny):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("shown", loss * 2, prog_bar=True)
+            return loss
+
+    t = syncstep.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         log_every_n_steps=3, lr_scaling="none")
+    t.fit(Model(), loader(dataset(40), 4))
+    final = capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert "10/10" in final
+    # The last step's value (step 10; the last logging step was 9), as the bar formats it.
+    shown = syncstep.metrics.format_metric(float(t.callback_metrics["shown"]))
+    assert final.endswith(f"shown={shown}]"), final
+
+
+def test_tensorboard_events_are_written_in_batches_and_at_flush(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from syncstep.metrics import TensorBoardLogger
+
+    def steps_on_disk():
+        logger.writer.flush()  # SummaryWriter's own flush: what was handed to it reaches the file
+        accumulator = EventAccumulator(str(tmp_path))
+        accumulator.Reload()
+        return [e.step for e in accumulator.Scalars("loss")] if "loss" in accumulator.Tags()["scalars"] else []
+
+    logger = TensorBoardLogger(str(tmp_path), write_every=3, write_secs=3600)
+    for step in (1, 2):
+        logger.log_metrics({"epoch": 0, "loss": step / 10}, step)
+    assert steps_on_disk() == []
+    logger.log_metrics({"epoch": 0, "loss": 0.3}, 3)
+    assert steps_on_disk() == [1, 2, 3]
+    logger.log_metrics({"epoch": 0, "loss": 0.4}, 4)
+    logger.flush()
+    assert steps_on_disk() == [1, 2, 3, 4]
+    logger.finalize()
+
+
 def test_gradient_clipping_matches_clip_grad_norm():
     t = trainer(max_epochs=1, gradient_clip_val=0.05, lr_scaling="none")
     model = Tiny(lr=0.5)

@@ -237,6 +237,10 @@ class LRPlan:
             return self.factors
         return [warmup_multiplier(t, o.factor, self.warmup) for o in self.optimizers]
 
+    def settled(self, step: int, epoch: int) -> bool:
+        """Whether the multipliers at (step, epoch) are those of every later step: warmup is over."""
+        return (epoch if self.warmup.interval == "epoch" else step) >= self.warmup.length
+
     @cached_property
     def factors(self) -> list[float]:
         return [o.factor for o in self.optimizers]

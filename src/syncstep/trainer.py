@@ -15,6 +15,7 @@ One optimizer step, top to bottom (``Trainer._train_epoch``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -221,7 +222,9 @@ class Trainer:
 
         self.current_epoch = 0
         self.global_step = 0
-        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self._callback_values: dict[str, float] = {}  # callback_metrics as floats; tensors made on demand
+        self._callback_tensors: dict[str, torch.Tensor] = {}
+        self._callback_stale: set[str] = set()
         self.logged_metrics: dict[str, float] = {}
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list = []
@@ -235,6 +238,8 @@ class Trainer:
         self._bar = ProgressBar(False)
         self._stage: str | None = None
         self._stop_signal = False
+        self._recent_losses: list[tuple[int, torch.Tensor]] = []  # on GPUs: checked at logging steps
+        self._first_nonfinite_step: int | None = None  # on the CPU: checked as each loss comes
 
     # -- where this process stands ----------------------------------------------------------------
     @property
@@ -409,9 +414,9 @@ class Trainer:
             except Exception:  # the report is a courtesy; the original error must propagate
                 traceback.print_exc()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager | None:
         if self.precision == "32":
-            return contextlib.nullcontext()
+            return None
         dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
         return torch.autocast(self._strategy.devices[0].type, dtype=dtype)
 
@@ -449,9 +454,20 @@ class Trainer:
             if hasattr(logger, "flush"):
                 logger.flush()
 
+    @property
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        """The latest value of every logged metric, as float64 tensors (Lightning's name and type)."""
+        # Kept as floats and made into tensors when read: a logging step that makes them costs ~40 us,
+        # 1 us a training step at log_every_n_steps=50, for a dict few read during training.
+        if self._callback_stale:
+            for name in self._callback_stale:
+                self._callback_tensors[name] = torch.tensor(self._callback_values[name], dtype=torch.float64)
+            self._callback_stale.clear()
+        return self._callback_tensors
+
     def _update_callback_metrics(self, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self.callback_metrics[name] = torch.tensor(value, dtype=torch.float64)
+        self._callback_values.update(values)
+        self._callback_stale.update(values)
 
     # -- fit --------------------------------------------------------------------------------------
     @property
@@ -532,8 +548,15 @@ class Trainer:
             if hasattr(logger, "log_hyperparams"):
                 logger.log_hyperparams(self._hyperparams())
         self._bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
-        self._recent_losses: list[tuple[int, torch.Tensor]] = []
+        self._recent_losses.clear()
+        self._first_nonfinite_step = None
+        # A loss on the CPU is read as it comes (loss.item(), 2 us a step in a W1 run, waits for nothing);
+        # a GPU's are kept and read together at the next logging step: one sync there, not one a step.
+        self._check_loss_now = strategy.devices[0].type == "cpu"
         self._multipliers = self.lr_plan.multipliers(self.global_step, start_epoch)
+        self._lr_ramping = True  # the multipliers may still change (warmup); see _optimizer_step
+        self._guarded_step = (self.on_nonfinite_loss == "skip" or self.gradient_clip_val is not None
+                              or self._scaler is not None)
         self.should_stop = False
         previous_handler = self._install_sigterm_handler()
         try:
@@ -565,59 +588,104 @@ class Trainer:
         batch_idx = 0
         completed = True
         logs.context.stage = "train"
+        # This loop runs every step: what does not change within an epoch is looked up once here, and
+        # a tiny model's step costs 200-500 us, so each attribute lookup or call left in it shows.
         autocast, scaler = self._autocast(), self._scaler
+        training_step, clear_step_values = strategy.training_step, logs.step_entries.clear
+        # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
+        sync_gradients = strategy.sync_gradients if self._train.layout.accumulate_grad_batches > 1 else None
+        check_loss_now, recent_losses, isfinite = self._check_loss_now, self._recent_losses, math.isfinite
+        log_every, ckpt_every, max_steps = self.log_every_n_steps, self.ckpt_every_n_steps, self.max_steps
+        bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
+        plain_optimizer = self._plain_optimizer(epoch)
         plan, batches = self._train.start_epoch(epoch, start_sample)
         for step_in_epoch, (step_samples, micro_batches) in enumerate(plan):
-            logs.clear_step()
+            clear_step_values()
             for counts, weights, is_last in micro_batches:  # one per accumulation step
-                strategy.sync_gradients(is_last)
-                with autocast:
-                    loss = strategy.training_step([next(batches) for _ in counts], counts, weights, batch_idx)
-                (scaler.scale(loss) if scaler else loss).backward()
-                self._recent_losses.append((self.global_step, loss.detach()))
+                if sync_gradients is not None:
+                    sync_gradients(is_last)
+                if autocast is None:
+                    loss = training_step(batches, counts, weights, batch_idx)
+                else:
+                    with autocast:
+                        loss = training_step(batches, counts, weights, batch_idx)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if not check_loss_now:
+                    recent_losses.append((self.global_step, loss.detach()))
+                elif not isfinite(loss.item()) and self._first_nonfinite_step is None:
+                    self._first_nonfinite_step = self.global_step
                 batch_idx += 1
-            self._optimizer_step(epoch)
+            if plain_optimizer is None:
+                self._optimizer_step(epoch)
+            else:  # what a hand-written loop does, when that is all there is to do
+                plain_optimizer.step()
+                plain_optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
             self._epoch_sample += step_samples
-            bar.update()
-            if self.global_step % self.log_every_n_steps == 0:
+            bar_steps += 1
+            if bar_steps == bar_every:
+                bar_every, bar_steps = bar.advance(bar_steps), 0
+            step = self.global_step
+            if step % log_every == 0:
                 self._log_step(epoch)
             if val_every and (step_in_epoch + 1) % val_every == 0 and step_in_epoch + 1 < steps:
                 self._validate_in_fit(model, epoch)
                 logs.context.stage = "train"
-            if self.ckpt_every_n_steps and self.global_step % self.ckpt_every_n_steps == 0:
+            if ckpt_every and step % ckpt_every == 0:
                 self._save_checkpoint(model, epoch_finished=False)
-            if (self._stop_requested() or self._steps_exhausted()) and step_in_epoch + 1 < steps:
+            if ((self._stop_signal and self._stop_requested()) or 0 <= max_steps <= step) and step_in_epoch + 1 < steps:
                 completed = False
                 break
+        bar.advance(bar_steps)
         self._end_train_epoch(model, epoch, completed)
+
+    def _plain_optimizer(self, epoch: int) -> torch.optim.Optimizer | None:
+        """The optimizer, if for the whole epoch a step is just ``step()`` and ``zero_grad()``: one
+        optimizer, an LR multiplier of 1 (k = 1, warmup over or none), and no clipping, GradScaler,
+        NaN skipping or step-interval scheduler. Else None, and ``_optimizer_step`` does the rest."""
+        if (self._guarded_step or len(self.optimizers) != 1 or not self.lr_plan.settled(self.global_step, epoch)
+                or any(config.interval == "step" for config in self.lr_scheduler_configs)):
+            return None
+        self._multipliers, self._lr_ramping = self.lr_plan.multipliers(self.global_step, epoch), False
+        return self.optimizers[0] if self._multipliers == [1.0] else None
 
     def _optimizer_step(self, epoch: int) -> None:
         scaler = self._scaler
-        if self.on_nonfinite_loss == "skip" and self._skip_nonfinite_step():
-            return
-        if self.gradient_clip_val is not None:
-            if scaler is not None:
-                for opt in self.optimizers:
-                    scaler.unscale_(opt)
-            if self.gradient_clip_algorithm == "norm":
-                torch.nn.utils.clip_grad_norm_(self._params, self.gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_value_(self._params, self.gradient_clip_val)
-        self._multipliers = self.lr_plan.multipliers(self.global_step, epoch)
+        if self._guarded_step:  # on_nonfinite_loss="skip", gradient clipping or a GradScaler
+            if self.on_nonfinite_loss == "skip" and self._skip_nonfinite_step():
+                return
+            if self.gradient_clip_val is not None:
+                if scaler is not None:
+                    for opt in self.optimizers:
+                        scaler.unscale_(opt)
+                if self.gradient_clip_algorithm == "norm":
+                    torch.nn.utils.clip_grad_norm_(self._params, self.gradient_clip_val)
+                else:
+                    torch.nn.utils.clip_grad_value_(self._params, self.gradient_clip_val)
+        if self._lr_ramping:  # after warmup the multipliers stay put: no need to ask the plan every step
+            self._multipliers = self.lr_plan.multipliers(self.global_step, epoch)
+            self._lr_ramping = not self.lr_plan.settled(self.global_step, epoch)
         for opt, multiplier in zip(self.optimizers, self._multipliers):
-            scaled_step(opt, multiplier, (lambda o=opt: scaler.step(o)) if scaler else opt.step)
+            if scaler is not None:
+                scaled_step(opt, multiplier, functools.partial(scaler.step, opt))
+            elif multiplier == 1.0:
+                opt.step()
+            else:
+                scaled_step(opt, multiplier, opt.step)
         if scaler is not None:
             scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.lr_scheduler_configs:
-            step_schedulers(self.lr_scheduler_configs, "step", self.global_step, self.callback_metrics)
+            step_schedulers(self.lr_scheduler_configs, "step", self.global_step, self._callback_values)
 
     def _skip_nonfinite_step(self) -> bool:
         """With on_nonfinite_loss='skip': all ranks agree (one all-reduce) and skip the step together."""
-        bad = torch.tensor([float(not all(math.isfinite(float(x)) for _, x in self._recent_losses))])
+        bad = self._first_nonfinite_step is not None or not all(math.isfinite(float(x)) for _, x in self._recent_losses)
         self._recent_losses.clear()
+        self._first_nonfinite_step = None
+        bad = torch.tensor([float(bad)])
         dist.all_reduce(bad, "max")
         if bad.item() == 0:
             return False
@@ -634,18 +702,16 @@ class Trainer:
         """On every rank, with one all-reduce: whether any rank got SIGTERM, and the first step (since the
         last call) at which any rank's loss was NaN or infinite, which stops the run on every rank."""
         losses, bad_step = self._recent_losses, sys.maxsize
-        if losses and self.on_nonfinite_loss != "skip":  # "skip" agrees on every step instead
-            if losses[0][1].device.type == "cpu":
-                # On the CPU, Python floats cost less than a stack and a reduction (~2x).
-                bad_step = next((step for step, x in losses if not math.isfinite(float(x))), bad_step)
-            else:  # on a GPU: one tensor, one sync
-                values = [x for _, x in losses]
-                try:
-                    finite = torch.stack(values).isfinite().reshape(-1)
-                except RuntimeError:  # losses of different shapes ((), (1,)) or devices
-                    finite = torch.stack([x.float().reshape(()).cpu() for x in values]).isfinite()
-                if not bool(finite.all()):
-                    bad_step = losses[int((~finite).nonzero()[0, 0])][0]
+        if self._first_nonfinite_step is not None:  # found as it came (on the CPU)
+            bad_step, self._first_nonfinite_step = self._first_nonfinite_step, None
+        if losses and self.on_nonfinite_loss != "skip":  # on a GPU: one tensor, one sync ("skip": every step)
+            values = [x for _, x in losses]
+            try:
+                finite = torch.stack(values).isfinite().reshape(-1)
+            except RuntimeError:  # losses of different shapes ((), (1,)) or devices
+                finite = torch.stack([x.float().reshape(()).cpu() for x in values]).isfinite()
+            if not bool(finite.all()):
+                bad_step = losses[int((~finite).nonzero()[0, 0])][0]
         losses.clear()
         # (step, rank) packed into one number, so that the minimum names both.
         found = bad_step * 1_000_000 + self.global_rank if bad_step != sys.maxsize else 2**62
@@ -713,10 +779,10 @@ class Trainer:
         due = self.check_val_every_n_epoch and (epoch + 1) % self.check_val_every_n_epoch == 0
         if self._val_loader is not None and not self._stop_signal and ((completed and due) or self._steps_exhausted()):
             self._validate_in_fit(model, epoch)
-        self._bar.show({k: float(v) for k, v in self.callback_metrics.items() if k in self._logs.prog_bar})
+        self._bar.show({k: v for k, v in self._callback_values.items() if k in self._logs.prog_bar})
         self._bar.close()
         if self.lr_scheduler_configs and completed:
-            step_schedulers(self.lr_scheduler_configs, "epoch", epoch + 1, self.callback_metrics)
+            step_schedulers(self.lr_scheduler_configs, "epoch", epoch + 1, self._callback_values)
         due = self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0
         if self.enable_checkpointing and (self._stop_signal or (completed and due) or self._steps_exhausted()):
             self._save_checkpoint(model, epoch_finished=completed)
@@ -744,7 +810,7 @@ class Trainer:
         saved_step = logs.step_entries[:]
         bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
         bar.start("Validation" if stage == "validate" else "Test", data.num_steps)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast() or contextlib.nullcontext():
             for batch_idx, group in enumerate(data):
                 strategy.evaluation_step(stage, [b for _, b in group], [c for c, _ in group], batch_idx)
                 bar.update()

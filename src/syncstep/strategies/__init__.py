@@ -8,6 +8,7 @@ combines their losses, and whether to sync gradients on this backward. Collectiv
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -27,8 +28,10 @@ class Strategy(Protocol):
     def setup(self, module: torch.nn.Module) -> None: ...
 
     def training_step(
-        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
-    ) -> torch.Tensor: ...
+        self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
+    ) -> torch.Tensor:
+        """Take one batch per count from ``batches`` (this process's replicas, in order), run them, and
+        return the weighted loss to call backward on."""
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None: ...
 

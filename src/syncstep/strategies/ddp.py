@@ -8,6 +8,7 @@ hooks all-reduce the gradients during backward.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,10 +53,11 @@ class DDPStrategy:
         self.ddp.require_backward_grad_sync = enabled
 
     def training_step(
-        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+        self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
     ) -> torch.Tensor:
-        loss = extract_loss(self.ddp("train", self._move(batches[0]), batch_idx, counts[0]))
-        return loss if weights[0] == 1.0 else loss * weights[0]
+        loss = extract_loss(self.ddp("train", self._move(next(batches)), batch_idx, counts[0]))
+        weight = weights[0]
+        return loss if weight == 1.0 else loss * weight
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
         # Evaluation has no backward, so it skips DDP's forward (and its buffer broadcast).

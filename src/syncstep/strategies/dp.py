@@ -18,6 +18,7 @@ but not faster than one device.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -102,11 +103,12 @@ class DataParallelStrategy:
         return [first] + [f.result() for f in futures]
 
     def training_step(
-        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+        self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
     ) -> torch.Tensor:
+        loaded = [next(batches) for _ in counts]
         # Replicas without a real sample (only at the very end of an epoch) are simply not run.
         n = sum(1 for c in counts if c > 0)
-        outputs = self._parallel_apply("train", batches[:n], counts[:n], batch_idx)
+        outputs = self._parallel_apply("train", loaded[:n], list(counts[:n]), batch_idx)
         root = self.devices[0]
         losses = [extract_loss(out).to(root) for out in outputs]
         return sum(loss * w for loss, w in zip(losses, weights))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,16 +26,23 @@ class SingleDeviceStrategy:
     def setup(self, runner: StepRunner) -> None:
         runner.module.to(self.devices[0])
         self.runner = runner
+        self._module, self._context = runner.module, runner.log_context  # (nn.Module's getattr is slow)
 
     def _move(self, batch: Any) -> Any:
         return batch if self.on_cpu else move_to_device(batch, self.devices[0])
 
     def training_step(
-        self, batches: list[Any], counts: list[int], weights: list[float], batch_idx: int
+        self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
     ) -> torch.Tensor:
-        # forward() rather than __call__: the runner is ours and has no hooks (the user's module keeps its).
-        loss = extract_loss(self.runner.forward("train", self._move(batches[0]), batch_idx, counts[0]))
-        return loss if weights[0] == 1.0 else loss * weights[0]
+        # One process, one replica: the user's hook is called directly (no wrapper module is needed, as
+        # DDP's hooks are for DDP), with the trainer's context already set to "train" for Module.log.
+        batch = next(batches)
+        self._context.count = counts[0]
+        loss = self._module.training_step(batch if self.on_cpu else move_to_device(batch, self.devices[0]), batch_idx)
+        if type(loss) is not torch.Tensor or loss.ndim:  # anything but a plain 0-d tensor: check it
+            loss = extract_loss(loss)
+        weight = weights[0]
+        return loss if weight == 1.0 else loss * weight
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
         self.runner(stage, self._move(batches[0]), batch_idx, counts[0])
