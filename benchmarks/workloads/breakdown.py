@@ -5,7 +5,8 @@
 
 The torch work both loops do (fetching the batch, forward and loss, backward, the optimizer step and
 zero_grad) is timed the same way in both; for syncstep also its own parts (the logging step every
-log_every_n_steps, the strategy's call around training_step, the progress bar, self.log). What no
+log_every_n_steps, the strategy's call around training_step, the progress bar, self.log, and the
+optimizer-step wrapper when a step needs more than step() and zero_grad()). What no
 timer covers is the loop's own bookkeeping. Each timer costs about 0.3 us per call; only steps of the
 timed window (after warm-up) count.
 """
@@ -53,13 +54,15 @@ def main() -> None:
     if implementation == "syncstep":
         import syncstep_train as worker
 
-        from syncstep import metrics, trainer
+        from syncstep import metrics, module, trainer
         from syncstep.strategies import single
 
         timed(trainer.Trainer, "_log_step", "syncstep: logging step (every log_every_n_steps)")
         timed(single.SingleDeviceStrategy, "training_step", "syncstep: strategy.training_step")
+        timed(module.Module, "log", "syncstep: self.log")
+        # Only when a step is more than step() and zero_grad() (LR multiplier, clipping, ...): not in W1.
         timed(trainer.Trainer, "_optimizer_step", "syncstep: _optimizer_step")
-        timed(metrics.ProgressBar, "update", "syncstep: progress bar")
+        timed(metrics.ProgressBar, "advance", "syncstep: progress bar")
     else:
         import handwritten as worker
     worker.main()
@@ -69,8 +72,10 @@ def main() -> None:
     begin, end, steps = ticks[args.warmup], ticks[-1], len(ticks) - 1 - args.warmup
     us = {label: sum(s for t, s in spans if begin <= t < end) / steps * 1e6 for label, spans in calls.items()}
     if implementation == "syncstep":  # take out what nests inside these timers
-        us["syncstep: strategy.training_step"] -= us["forward + loss"]
-        us["syncstep: _optimizer_step"] -= us["optimizer step"] + us["zero_grad"]
+        nested = us["data: next batch"] + us["forward + loss"] + us["syncstep: self.log"]
+        us["syncstep: strategy.training_step"] -= nested
+        if "syncstep: _optimizer_step" in us:
+            us["syncstep: _optimizer_step"] -= us["optimizer step"] + us["zero_grad"]
     step = (end - begin) / steps * 1e6
     us["loop bookkeeping (no timer)"] = step - sum(us.values())
     with open(args.out) as f:
