@@ -1,6 +1,6 @@
 """syncstep's per-step overhead on W1 (MLP 64-128-10, batch 32, 1 thread), measured in one process.
 
-    python benchmarks/overhead.py [--reps 15] [--steps 1000] [--model w1|linear]
+    python benchmarks/overhead.py [--reps 15] [--steps 1000] [--model w1|linear] [--fresh]
 
 ``--model linear`` trains one Linear(64, 10) on batches of 2 instead: the torch work per step shrinks to
 little more than the calls themselves, so the difference to the hand-written loop is the framework's
@@ -10,13 +10,15 @@ The hand-written loop, syncstep with the progress bar and loggers off, and syncs
 (bar, CSV and TensorBoard loggers) take turns in the same process, rep after rep, so that a slow
 second of a shared machine hits all three alike; each rep times the steps after the first 50 from
 inside the training step. Prints the median microseconds per step and the ratio to the hand-written
-loop. The suite (run.py) measures the same in fresh processes, which a noisy machine spreads more.
+loop. ``--fresh`` runs every rep of every implementation in a fresh process instead (same rotating
+order), as the suite (run.py) does: what a user's run sees, spread more by a noisy machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,22 +94,35 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--model", choices=("w1", "linear"), default="w1")
+    p.add_argument("--fresh", action="store_true", help="each run in a fresh process")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in this process, for --fresh
     args = p.parse_args()
     MODEL.update(name=args.model, batch_size=32 if args.model == "w1" else 2)
     torch.set_num_threads(1)
     dataset = data(args.steps)
-    runs = {"hand-written": [], "syncstep, bar and loggers off": [], "syncstep (defaults)": []}
     measure = {"hand-written": lambda: hand(dataset),
                "syncstep, bar and loggers off": lambda: ours(dataset, lean=True),
                "syncstep (defaults)": lambda: ours(dataset, lean=False)}
+    if args.one:
+        print(f"us/step {measure[args.one]():.3f}")
+        return
+    if args.fresh:
+        def in_a_fresh_process(name):
+            command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--model", args.model]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            return float(out.rsplit("us/step ", 1)[1])
+
+        measure = {name: (lambda name=name: in_a_fresh_process(name)) for name in measure}
+    runs: dict[str, list[float]] = {name: [] for name in measure}
     names = list(measure)
     for rep in range(args.reps):  # the order rotates, so that none always runs first or after the same one
         for i in range(len(names)):
             name = names[(rep + i) % len(names)]
             runs[name].append(measure[name]())
     base = statistics.median(runs["hand-written"])
-    print(f"\n{args.reps} interleaved reps of {args.steps} timed steps, syncstep {syncstep.__version__}, "
-          f"torch {torch.__version__}, 1 thread, model {args.model}", file=sys.stderr)
+    where = "fresh processes" if args.fresh else "one process"
+    print(f"\n{args.reps} interleaved reps of {args.steps} timed steps in {where}, syncstep "
+          f"{syncstep.__version__}, torch {torch.__version__}, 1 thread, model {args.model}", file=sys.stderr)
     print("| implementation | us/step (median) | min | ratio of steps/s to hand-written | same rep: ratio, median |")
     print("| --- | --- | --- | --- | --- |")
     for name, values in runs.items():

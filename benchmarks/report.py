@@ -201,6 +201,7 @@ def render_markdown(results: dict, gpu_section: str | None = None) -> str:
         "make -C benchmarks quick      # a short run to check that everything works",
         ".venv-bench/bin/python benchmarks/run.py --render benchmarks/results/cpu.json   # only rewrite this page",
         ".venv-bench/bin/python benchmarks/overhead.py --reps 30 --steps 500   # per-step cost, in one process (W1)",
+        ".venv-bench/bin/python benchmarks/overhead.py --fresh --reps 10 --steps 3000  # the same, fresh processes",
         ".venv-bench/bin/python benchmarks/overhead.py --reps 15 --steps 3000 --model linear  # the framework alone",
         ".venv-bench/bin/python benchmarks/log_step_cost.py                   # a logging step, piece by piece",
         "```",
