@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import dataset, make_net, reference_sgd, shuffled_order
+from common import dataset, make_net, reference_losses, reference_sgd, shuffled_order
 from helpers import SCRIPTS, clean_env, free_port, load_result, run, run_configs, run_together
 
 ATOL = 1e-6
@@ -103,17 +103,7 @@ def test_train_loss_epoch_is_the_mean_over_all_samples(ddp_run):
     epoch_rows = [r for r in result["rows"] if "train_loss_epoch" in r]
     assert len(epoch_rows) == 1
     # Recompute: the loss of each of the 5 steps at the parameters before that step, on 8 samples.
-    ds = dataset(40)
-    net = make_net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    losses = []
-    for s in range(5):
-        x, y = ds[s * 8:(s + 1) * 8]
-        loss = F.cross_entropy(net(x), y)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = reference_losses(40, 8, 5)
     assert epoch_rows[0]["train_loss_epoch"] == pytest.approx(sum(losses) / 5, abs=1e-6)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 import syncstep
-from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
+from common import Tiny, dataset, loader, make_net, reference_losses, reference_sgd, shuffled_order
 from test_ddp import assert_params_close
 
 
@@ -75,15 +75,7 @@ def test_logged_step_and_epoch_values_are_the_losses_of_a_hand_written_loop(tmp_
                          log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False,
                          lr_scaling="none")
     t.fit(Tiny(lr=0.1), loader(dataset(16), 4))
-    ds, net = dataset(16), make_net()
-    opt, losses = torch.optim.SGD(net.parameters(), lr=0.1), []
-    for s in range(4):
-        x, y = ds[s * 4:(s + 1) * 4]
-        loss = F.cross_entropy(net(x), y)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = reference_losses(16, 4, 4)
     with open(tmp_path / "syncstep_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["train_loss_step"]) for r in rows if r["train_loss_step"]] == pytest.approx(losses, rel=1e-6)

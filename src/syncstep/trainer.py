@@ -666,12 +666,7 @@ class Trainer:
             self._multipliers = self.lr_plan.multipliers(self.global_step, epoch)
             self._lr_ramping = not self.lr_plan.settled(self.global_step, epoch)
         for opt, multiplier in zip(self.optimizers, self._multipliers):
-            if scaler is not None:
-                scaled_step(opt, multiplier, functools.partial(scaler.step, opt))
-            elif multiplier == 1.0:
-                opt.step()
-            else:
-                scaled_step(opt, multiplier, opt.step)
+            scaled_step(opt, multiplier, functools.partial(scaler.step, opt) if scaler is not None else opt.step)
         if scaler is not None:
             scaler.update()
         for opt in self.optimizers:

@@ -125,6 +125,20 @@ def reference_sgd(n: int, global_batch: int, steps: int, lr, order=None, epochs:
     return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def reference_losses(n: int, batch: int, steps: int, lr: float = 0.1) -> list[float]:
+    """Hand-written SGD on dataset(n) in order: the loss of each step, before that step's update."""
+    ds, net = dataset(n), make_net()
+    opt, losses = torch.optim.SGD(net.parameters(), lr=lr), []
+    for s in range(steps):
+        x, y = ds[s * batch:(s + 1) * batch]
+        loss = F.cross_entropy(net(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
 def shuffled_order(n: int, seed: int):
     """The documented epoch order: torch.randperm(n) with a generator seeded seed + epoch."""
     def order(epoch):
