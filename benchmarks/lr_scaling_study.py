@@ -1,6 +1,6 @@
 """The Linear Scaling Rule, measured (issue #4): accuracy and the early loss spike at global batch k x 32.
 
-    python benchmarks/lr_scaling_study.py                   # the whole study, about 3 minutes on 2 CPU cores
+    python benchmarks/lr_scaling_study.py --publish         # the whole study, about 3 minutes on 2 CPU cores
     python benchmarks/lr_scaling_study.py --lr 0.2 --extra-lr   # skip the LR sweep and the second base LR
 
 One device simulates k devices by its global batch: the DataLoader's batch is 32 x k and
@@ -24,7 +24,8 @@ from the largest stable LR.
 
 Measured per run: the validation accuracy after the last epoch, and the early loss spike (see
 ``spike_metrics``) from the training loss of every optimizer step, recorded by a logger object. Writes
-benchmarks/results/lr_scaling_study.json and docs/img/lr_scaling_study.png and prints Markdown tables.
+benchmarks/out/lr_scaling_study.{json,png} (with --publish: benchmarks/results/lr_scaling_study.json and
+docs/img/lr_scaling_study.png) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -332,9 +333,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="further base LRs to study (default 0.05, the demo's); none: pass the flag alone")
     p.add_argument("--warmup-epochs", type=float, default=2, help="for the linear+warmup row (default 2)")
     p.add_argument("--spike-epochs", type=int, default=5, help="the early window of the spike metric (default 5)")
-    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "lr_scaling_study.json"))
-    p.add_argument("--png", default=os.path.join(ROOT, "docs", "img", "lr_scaling_study.png"))
-    return p.parse_args(argv)
+    p.add_argument("--publish", action="store_true",
+                   help="write the published files (benchmarks/results/, docs/img/) instead of benchmarks/out/")
+    p.add_argument("--json", help="default benchmarks/out/lr_scaling_study.json (results/ with --publish)")
+    p.add_argument("--png", help="default benchmarks/out/lr_scaling_study.png (docs/img/ with --publish)")
+    args = p.parse_args(argv)
+    json_dir, png_dir = (("benchmarks/results", "docs/img") if args.publish else ("benchmarks/out", "benchmarks/out"))
+    args.json = args.json or os.path.join(ROOT, json_dir, "lr_scaling_study.json")
+    args.png = args.png or os.path.join(ROOT, png_dir, "lr_scaling_study.png")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

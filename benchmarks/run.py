@@ -1,13 +1,15 @@
 """The benchmark suite (issue #6): syncstep against a hand-written PyTorch loop and Lightning, in one run.
 
-    python benchmarks/run.py            # the full suite (about 10 minutes on 2 cores)
+    python benchmarks/run.py --publish  # the full suite (about 10 minutes on 2 cores), published (make bench)
+    python benchmarks/run.py            # the same, written to benchmarks/out/ only (ignored by git)
     python benchmarks/run.py --quick    # a short run that checks the suite end to end (indicative numbers)
     python benchmarks/run.py --render benchmarks/results/cpu.json   # rewrite docs/benchmarks.md only
 
 Every measurement is a fresh process (``workloads/*.py``). The implementations of a workload run
 interleaved, A B C A B C ..., so that a slow minute of the machine hits all of them alike; we report
-medians and min-max. Results go to ``benchmarks/results/cpu.json`` (``cpu-quick.json`` with --quick)
-and ``docs/benchmarks.md``. Lightning is skipped, with a note, where it is not installed (``make bench``
+medians and min-max. Results go to ``benchmarks/out/`` (not tracked); with ``--publish`` (a full run
+only) to ``benchmarks/results/cpu.json`` and ``docs/benchmarks.md``, the published figures.
+ Lightning is skipped, with a note, where it is not installed (``make bench``
 installs it into ``.venv-bench``).
 """
 
@@ -347,19 +349,26 @@ def write_docs(results: dict, docs: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds: checks the suite, numbers indicative")
-    p.add_argument("--out", help="results JSON (default benchmarks/results/cpu.json, cpu-quick.json with --quick)")
+    p.add_argument("--out", help="results JSON (default benchmarks/out/cpu.json, cpu-quick.json with --quick)")
+    p.add_argument("--publish", action="store_true",
+                   help="write benchmarks/results/cpu.json and regenerate docs/benchmarks.md (full runs only)")
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report to regenerate")
     p.add_argument("--render", metavar="JSON", help="only regenerate the Markdown from a results file")
     args = p.parse_args(argv)
     if args.render:
         write_docs(json.loads(Path(args.render).read_text()), Path(args.docs))
         return 0
-    out = Path(args.out or HERE / "results" / ("cpu-quick.json" if args.quick else "cpu.json"))
+    if args.publish and args.quick:
+        p.error("--publish takes a full run: a --quick run's numbers are indicative only")
+    default = HERE / ("results" if args.publish else "out") / ("cpu-quick.json" if args.quick else "cpu.json")
+    out = Path(args.out or default)
     results = run_suite(args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    write_docs(results, Path(args.docs))
-    print(f"\nresults: {out}\nreport: {args.docs}  ({results['suite_seconds'] / 60:.1f} minutes)")
+    if args.publish:
+        write_docs(results, Path(args.docs))
+    print(f"\nresults: {out}" + (f"\nreport: {args.docs}" if args.publish else " (not published: pass --publish)")
+          + f"  ({results['suite_seconds'] / 60:.1f} minutes)")
     for row in results["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
