@@ -20,12 +20,12 @@ import time
 import torch
 
 import overhead
-from syncstep import metrics, trainer
+from syncstep import guards, loggers, loop, metrics, progress, step
 
 TIMED = [
-    (trainer.Trainer, "_log_step"), (trainer.Trainer, "_agree"), (trainer.Trainer, "_update_callback_metrics"),
-    (trainer.Trainer, "_log"), (metrics.LogStore, "step_values"), (metrics.ProgressBar, "show"),
-    (metrics.CSVLogger, "log_metrics"), (metrics.TensorBoardLogger, "log_metrics"),
+    (loop.FitLoop, "log_step"), (guards.Guards, "agree"), (metrics.Metrics, "update"),
+    (metrics.Metrics, "send"), (metrics.LogStore, "step_values"), (step.OptimizerStep, "lr_values"),
+    (progress.ProgressBar, "show"), (loggers.CSVLogger, "log_metrics"), (loggers.TensorBoardLogger, "log_metrics"),
 ]
 
 

@@ -12,7 +12,7 @@ TITLES = {
 
 GPU_PLACEHOLDER = """## GPU check
 
-not yet run. `PYTHONPATH=src python -m syncstep.gpu_check --out gpu_check.json` on a CUDA machine
+not yet run. `PYTHONPATH=src python -m syncstep.tools.gpu_check --out gpu_check.json` on a CUDA machine
 (or `scripts/gpu_check.sh`) prints the table to paste here: syncstep against a hand-written loop on one
 GPU (small CNN, small transformer; fp32, bf16-mixed, 16-mixed), `dp` on all GPUs against one GPU
 (parameters after N steps), and DDP with NCCL.
@@ -79,7 +79,7 @@ def _breakdown_lines(breakdown: dict | None) -> list[str]:
              f"{breakdown['steps']} steps, median of {breakdown['rounds']} runs), in microseconds per step. The torch",
              "work is the same in both loops; the syncstep rows and the bookkeeping are the price of the framework",
              "(torch's own optimizer-step wrapper falls under bookkeeping for the hand-written loop and under",
-             "`_optimizer_step` for syncstep).", "",
+             "`OptimizerStep.step` for syncstep).", "",
              "| part | hand-written | syncstep |", "| --- | --- | --- |"]
     for part in dict.fromkeys([*hand, *ours]):
         lines.append(f"| {part} | {_num(hand.get(part), 1)} | {_num(ours.get(part), 1)} |")

@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m syncstep.gpu_check "$@"
+exec "${PYTHON:-python3}" -m syncstep.tools.gpu_check "$@"

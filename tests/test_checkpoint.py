@@ -13,9 +13,8 @@ import torch
 
 import syncstep
 from common import Tiny, dataset, loader
-from helpers import SCRIPTS, load_result, run, run_configs
+from helpers import SCRIPTS, assert_params_close, assert_same_on_every_rank, load_result, run, run_configs
 from syncstep import checkpoint
-from test_ddp import assert_params_close, assert_same_on_every_rank
 
 
 def sha256(path) -> str:

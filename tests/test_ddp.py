@@ -12,41 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from common import dataset, make_net, reference_losses, reference_sgd, shuffled_order
-from helpers import SCRIPTS, clean_env, free_port, load_result, run, run_configs, run_together
-
-ATOL = 1e-6
-
-
-def assert_params_close(actual: dict, expected: dict, atol: float = ATOL) -> None:
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
-
-
-def assert_same_on_every_rank(tmp_path, name: str, world: int = 2) -> dict:
-    ranks = [torch.load(tmp_path / f"{name}.rank{r}.pt", weights_only=True) for r in range(world)]
-    for other in ranks[1:]:
-        for key in ranks[0]:
-            assert torch.equal(ranks[0][key], other[key]), f"{name}: {key} differs between ranks"
-    return ranks[0]
-
-
-BASE = {"devices": 2, "strategy": "ddp", "lr": 0.1}
-
-CONFIGS = [
-    # 2 processes x batch 4 against one process with batch 8; 5 steps, fixed order.
-    {**BASE, "name": "plain", "n": 40, "batch_size": 4, "max_steps": 5},
-    # accumulate_grad_batches=2 against batch 16.
-    {**BASE, "name": "accum", "n": 80, "batch_size": 4, "accumulate_grad_batches": 2, "max_steps": 5},
-    # Shuffled, 37 samples (the last step holds 5), 2 epochs, and an evaluation of 7 samples.
-    {**BASE, "name": "shuffled", "n": 37, "batch_size": 4, "shuffle": True, "seed": 3, "max_epochs": 2,
-     "evaluate_n": 7, "val_n": 5},
-    # 33 samples: the last step holds 1, so rank 1 runs a weight-0 batch to join the all-reduce.
-    {**BASE, "name": "lonely", "n": 33, "batch_size": 4, "max_epochs": 1},
-    # Device invariance: global batch 8 from 2 processes x 4 (accumulation derived: 1); LR scaled, warmup.
-    {**BASE, "name": "invariant", "n": 48, "batch_size": 4, "global_batch_size": 8, "lr_scaling": "auto",
-     "warmup_steps": 6, "max_epochs": 2, "shuffle": True, "seed": 5, "scheduler": "step", "optimizer": "sgd_momentum"},
-]
+from helpers import (
+    CONFIGS,
+    SCRIPTS,
+    assert_params_close,
+    assert_same_on_every_rank,
+    clean_env,
+    free_port,
+    load_result,
+    run,
+    run_configs,
+    run_together,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import syncstep
 from common import Tiny, dataset, loader, make_net, reference_sgd, shuffled_order
-from test_ddp import assert_params_close
+from helpers import assert_params_close
 
 
 def fit_dp(k: int, n: int, batch_size: int, **kwargs) -> tuple[Tiny, syncstep.Trainer]:
@@ -116,8 +116,7 @@ def test_dp_rejects_several_nodes_and_launchers(monkeypatch):
 
 def test_dp_and_ddp_at_equal_k_end_equal(tmp_path):
     """The DDP run of test_ddp's shuffled config and a DP run of the same config end equal."""
-    from helpers import load_result, run_configs
-    from test_ddp import CONFIGS
+    from helpers import CONFIGS, load_result, run_configs
 
     cfg = {**CONFIGS[2], "name": "ddp_vs_dp"}
     run_configs(tmp_path, [cfg], timeout=120)
@@ -127,8 +126,7 @@ def test_dp_and_ddp_at_equal_k_end_equal(tmp_path):
 
 
 def test_dp_and_ddp_produce_the_same_lr_trajectory(tmp_path):
-    from helpers import load_result, run_configs
-    from test_ddp import CONFIGS
+    from helpers import CONFIGS, load_result, run_configs
 
     cfg = {**CONFIGS[4], "name": "lr_ddp"}
     run_configs(tmp_path, [cfg], timeout=120)

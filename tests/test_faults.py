@@ -15,8 +15,17 @@ import time
 import torch
 
 from common import reference_sgd
-from helpers import SCRIPTS, clean_env, descendants, free_port, kill_tree, run_configs
-from test_ddp import BASE, assert_params_close, assert_same_on_every_rank
+from helpers import (
+    BASE,
+    SCRIPTS,
+    assert_params_close,
+    assert_same_on_every_rank,
+    clean_env,
+    descendants,
+    free_port,
+    kill_tree,
+    run_configs,
+)
 
 FAULT = {**BASE, "n": 400, "batch_size": 4, "max_epochs": 1}
 
@@ -52,8 +61,8 @@ def test_nan_on_one_rank_stops_every_rank_with_the_step_and_rank_named(tmp_path)
     assert result.returncode != 0 and elapsed < 60
     message = "the loss became NaN or infinite at optimizer step 3 (first seen on rank 1)"
     assert result.stdout.count(message) >= 2  # raised on both ranks (each traceback shows it)
-    assert "[rank0]: syncstep.trainer.NonFiniteLossError" in result.stdout
-    assert "[rank1]: syncstep.trainer.NonFiniteLossError" in result.stdout
+    assert "[rank0]: syncstep.guards.NonFiniteLossError" in result.stdout
+    assert "[rank1]: syncstep.guards.NonFiniteLossError" in result.stdout
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_equal(tmp_path):

@@ -90,3 +90,21 @@ def test_ddp_with_nccl_in_one_process():
 
     assert dist.get_backend() == "nccl"
     close(model, reference_on_gpu(64, 8, 8))
+
+
+def test_ddp_with_nccl_skips_a_nonfinite_step():
+    """on_nonfinite_loss="skip" agrees over NCCL at every step: the agreement's tensor must be on the GPU."""
+    trainer = syncstep.Trainer(accelerator="gpu", devices=1, strategy="ddp", logger=False, enable_progress_bar=False,
+                               enable_checkpointing=False, lr_scaling="none", on_nonfinite_loss="skip", max_epochs=1)
+    model = Tiny(fail={"rank": 0, "step": 3, "kind": "nan"})
+    trainer.fit(model, loader(dataset(24), 4))
+    assert trainer.global_step == 6
+    # Reference: steps 0, 1, 2, 4, 5 applied on the GPU, step 3 skipped.
+    ds, net = dataset(24), make_net().cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for s in (0, 1, 2, 4, 5):
+        x, y = ds[s * 4:(s + 1) * 4]
+        opt.zero_grad()
+        F.cross_entropy(net(x.cuda()), y.cuda()).backward()
+        opt.step()
+    close(model, {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()})

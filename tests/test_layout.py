@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import shuffled_order
 from syncstep.data import TrainData
 from syncstep.plan import plan_batch
 
@@ -42,11 +43,13 @@ def test_layout_matches_the_definition(n, b, world, accumulation, drop_last, sta
     process_replicas = [list(range(world))] if dp else [[r] for r in range(world)]
     averaging = 1 if dp else world
     for replicas in process_replicas:
-        data = TrainData(DataLoader(ds, batch_size=b, shuffle=shuffle, drop_last=drop_last), 7, len(replicas), True)
+        data = TrainData(DataLoader(ds, batch_size=b, shuffle=shuffle, drop_last=drop_last), 7, len(replicas), True,
+                         lambda make: make())
         data.set_layout(plan_batch(b, world, accumulation, None, None))
         data.set_replicas(replicas, averaging)
         plan, batches = data.start_epoch(3, start)
-        order = data._order(3)
+        # The documented epoch order (data.py, docs/strategies.md): seed 7 + epoch 3, or 0..n-1 unshuffled.
+        order = shuffled_order(n, 7)(3) if shuffle else list(range(n))
         expected = reference(order, b, world, accumulation, drop_last, start, replicas, averaging)
         assert len(plan) == len(expected) == data.steps_per_epoch(start)
         loaded = [batch[0].tolist() for batch in batches]

@@ -98,21 +98,54 @@ SCHEDULERS = {
 
 
 class Scheduled(Tiny):
+    """Tiny with one of SCHEDULERS; records the LR in the optimizer at every real ``step()``."""
+
     def __init__(self, optimizer: str, scheduler: str):
         super().__init__(lr=0.1, optimizer=optimizer)
         self.scheduler_name = scheduler
+        self.applied: list[float] = []
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
+        opt.register_step_pre_hook(lambda o, args, kwargs: self.applied.append(o.param_groups[0]["lr"]))
         sched = SCHEDULERS[self.scheduler_name](opt)
         return opt if sched is None else ([opt], [sched])
 
 
-def schedule(optimizer: str, scheduler: str, **kwargs) -> list[float]:
-    trainer = syncstep.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=4, **kwargs)
-    lrs = trainer.lr_schedule(Scheduled(optimizer, scheduler), loader(dataset(40), 4))
-    (values,) = lrs.values()
-    return values
+def user_schedule(optimizer: str, scheduler: str, steps: int, steps_per_epoch: int) -> list[float]:
+    """The reference: the user's scheduler on its own, stepped by hand as Lightning documents it (after
+    every ``frequency``-th optimizer step for interval "step", after every epoch for "epoch")."""
+    import warnings
+
+    opt = Scheduled(optimizer, "none").configure_optimizers()
+    config = SCHEDULERS[scheduler](opt)
+    if isinstance(config, torch.optim.lr_scheduler.LRScheduler):
+        config = {"scheduler": config}
+    config = {"interval": "epoch", "frequency": 1, **(config or {})}
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no step is taken here
+        for step in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            if "scheduler" not in config:
+                continue
+            done = step + 1 if config["interval"] == "step" else (
+                (step + 1) // steps_per_epoch if (step + 1) % steps_per_epoch == 0 else None)
+            if done is not None and done % config["frequency"] == 0:
+                config["scheduler"].step()
+    return lrs
+
+
+def applied_schedule(optimizer: str, scheduler: str, **kwargs) -> list[float]:
+    """The LRs a real training run applied, one per optimizer step; also checks lr_schedule() predicts them."""
+    trainer = syncstep.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=4,
+                               enable_checkpointing=False, **kwargs)
+    predicted = trainer.lr_schedule(Scheduled(optimizer, scheduler), loader(dataset(40), 4))
+    model = Scheduled(optimizer, scheduler)
+    trainer.fit(model, loader(dataset(40), 4))
+    (values,) = predicted.values()
+    assert model.applied == pytest.approx(values, rel=1e-12)
+    return model.applied
 
 
 @settings(max_examples=25, deadline=None)
@@ -121,17 +154,18 @@ def schedule(optimizer: str, scheduler: str, **kwargs) -> list[float]:
     reference=st.sampled_from([2, 4, 5, 8, 16]),
     optimizer=st.sampled_from(["sgd", "sgd_momentum", "adam"]),
     scheduler=st.sampled_from(sorted(SCHEDULERS)),
-    rule=st.sampled_from(["linear", "sqrt", "auto"]),
+    rule=st.sampled_from(["linear", "sqrt", "auto", "none"]),
 )
 def test_scaling_multiplies_the_users_schedule_by_the_factor(accumulation, reference, optimizer, scheduler, rule):
-    common = dict(accumulate_grad_batches=accumulation, reference_batch_size=reference)
-    plain = schedule(optimizer, scheduler, lr_scaling="none", **common)
-    scaled = schedule(optimizer, scheduler, lr_scaling=rule, **common)
+    applied = applied_schedule(optimizer, scheduler, lr_scaling=rule, accumulate_grad_batches=accumulation,
+                               reference_batch_size=reference)
+    steps_per_epoch = math.ceil(40 / (4 * accumulation))
+    assert len(applied) == 4 * steps_per_epoch
     k = 4 * accumulation / reference
     resolved = rule if rule != "auto" else ("sqrt" if optimizer == "adam" else "linear")
-    factor = k if resolved == "linear" else math.sqrt(k)
-    assert len(plain) == len(scaled) == 4 * math.ceil(40 / (4 * accumulation))
-    assert scaled == pytest.approx([x * factor for x in plain], rel=1e-12)
+    factor = {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[resolved]
+    expected = user_schedule(optimizer, scheduler, len(applied), steps_per_epoch)
+    assert applied == pytest.approx([x * factor for x in expected], rel=1e-12)
 
 
 @settings(max_examples=20, deadline=None)
@@ -142,9 +176,9 @@ def test_scaling_multiplies_the_users_schedule_by_the_factor(accumulation, refer
 )
 def test_warmup_ramps_from_the_unscaled_to_the_scaled_schedule(accumulation, warmup_steps, scheduler):
     """warmup_steps counts steps at the reference batch (here the per-device batch 4)."""
-    plain = schedule("sgd", scheduler, lr_scaling="none", accumulate_grad_batches=accumulation)
-    warm = schedule("sgd", scheduler, lr_scaling="linear", accumulate_grad_batches=accumulation,
-                    warmup_steps=warmup_steps)
+    warm = applied_schedule("sgd", scheduler, lr_scaling="linear", accumulate_grad_batches=accumulation,
+                            warmup_steps=warmup_steps)
+    plain = user_schedule("sgd", scheduler, len(warm), math.ceil(40 / (4 * accumulation)))
     k = accumulation
     length = max(1, round(warmup_steps / k))
     assert warm[0] == pytest.approx(plain[0], rel=1e-12)  # the unscaled LR

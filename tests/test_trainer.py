@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import syncstep
 from common import Tiny, dataset, loader, make_net, reference_losses, reference_sgd, shuffled_order
-from test_ddp import assert_params_close
+from helpers import assert_params_close
 
 
 def trainer(**kwargs) -> syncstep.Trainer:
@@ -101,14 +101,14 @@ def test_progress_bar_counts_every_step_and_shows_the_last_logged_value(capfd):
     final = capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
     assert "10/10" in final
     # The last step's value (step 10; the last logging step was 9), as the bar formats it.
-    shown = syncstep.metrics.format_metric(float(t.callback_metrics["shown"]))
+    shown = syncstep.progress.format_metric(float(t.callback_metrics["shown"]))
     assert final.endswith(f"shown={shown}]"), final
 
 
 def test_tensorboard_events_are_written_in_batches_and_at_flush(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from syncstep.metrics import TensorBoardLogger
+    from syncstep.loggers import TensorBoardLogger
 
     def steps_on_disk():
         logger.writer.flush()  # SummaryWriter's own flush: what was handed to it reaches the file
@@ -228,7 +228,7 @@ def test_two_optimizers_both_step_and_both_scale():
     sgd.step()
     adam.step()
     expected = {f"net.{k}": v for k, v in net.state_dict().items()}
-    model_state = t._strategy.runner.module.state_dict()
+    model_state = t.strategy.runner.module.state_dict()
     assert_params_close(model_state, expected)
 
 
@@ -331,6 +331,52 @@ def test_nonfinite_loss_can_be_skipped():
         F.cross_entropy(net(x), y).backward()
         opt.step()
     assert_params_close(model.state_dict(), {f"net.{k}": v for k, v in net.state_dict().items()})
+
+
+def test_skip_under_ddp_agrees_through_the_strategy_on_its_collective_device(monkeypatch):
+    """The skip agreement is a collective: it must go through the strategy, which puts the tensor on the
+    backend's device (NCCL rejects CPU tensors). A world of one here; test_gpu.py runs it on NCCL."""
+    import threading
+
+    import torch.distributed as dist
+
+    from syncstep.strategies.ddp import DDPStrategy
+
+    inside, seen = threading.local(), []
+    strategy_reduce, torch_reduce = DDPStrategy.all_reduce, dist.all_reduce
+
+    def through_strategy(self, tensor, op="sum"):
+        inside.on = True
+        try:
+            return strategy_reduce(self, tensor, op)
+        finally:
+            inside.on = False
+
+    def recorded(tensor, *args, **kwargs):
+        seen.append((getattr(inside, "on", False), tensor.device))
+        return torch_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(DDPStrategy, "all_reduce", through_strategy)
+    monkeypatch.setattr(dist, "all_reduce", recorded)
+    t = trainer(max_epochs=1, strategy="ddp", devices=1, on_nonfinite_loss="skip", lr_scaling="none")
+    model = Tiny(fail={"rank": 0, "step": 3, "kind": "nan"})
+    t.fit(model, loader(dataset(24), 4))
+    assert t.global_step == 6 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(seen) >= 6  # at least one agreement per step
+    assert all(via_strategy for via_strategy, _ in seen), seen
+    assert {device for _, device in seen} == {t.strategy.collective_device}
+
+
+def test_trainer_arguments_are_the_config_fields_with_the_same_defaults():
+    import dataclasses
+    import inspect
+
+    from syncstep.config import TrainerConfig
+
+    signature = {name: p.default for name, p in inspect.signature(syncstep.Trainer).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainerConfig) if f.init}
+    assert signature == fields
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -54,15 +54,15 @@ def main() -> None:
     if implementation == "syncstep":
         import syncstep_train as worker
 
-        from syncstep import metrics, module, trainer
+        from syncstep import loop, module, progress, step
         from syncstep.strategies import single
 
-        timed(trainer.Trainer, "_log_step", "syncstep: logging step (every log_every_n_steps)")
+        timed(loop.FitLoop, "log_step", "syncstep: logging step (every log_every_n_steps)")
         timed(single.SingleDeviceStrategy, "training_step", "syncstep: strategy.training_step")
         timed(module.Module, "log", "syncstep: self.log")
         # Only when a step is more than step() and zero_grad() (LR multiplier, clipping, ...): not in W1.
-        timed(trainer.Trainer, "_optimizer_step", "syncstep: _optimizer_step")
-        timed(metrics.ProgressBar, "advance", "syncstep: progress bar")
+        timed(step.OptimizerStep, "step", "syncstep: OptimizerStep.step")
+        timed(progress.ProgressBar, "advance", "syncstep: progress bar")
     else:
         import handwritten as worker
     worker.main()
@@ -74,8 +74,8 @@ def main() -> None:
     if implementation == "syncstep":  # take out what nests inside these timers
         nested = us["data: next batch"] + us["forward + loss"] + us["syncstep: self.log"]
         us["syncstep: strategy.training_step"] -= nested
-        if "syncstep: _optimizer_step" in us:
-            us["syncstep: _optimizer_step"] -= us["optimizer step"] + us["zero_grad"]
+        if "syncstep: OptimizerStep.step" in us:
+            us["syncstep: OptimizerStep.step"] -= us["optimizer step"] + us["zero_grad"]
     step = (end - begin) / steps * 1e6
     us["loop bookkeeping (no timer)"] = step - sum(us.values())
     with open(args.out) as f:

@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
+from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.module import Module
 from syncstep.rng import seed_everything
-from syncstep.trainer import NonFiniteLossError, Trainer
+from syncstep.trainer import Trainer
 
-__all__ = ["Module", "NonFiniteLossError", "Trainer", "__version__", "seed_everything"]
+__all__ = ["Module", "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import runpy
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 
 def _demo(argv: list[str]) -> int:
@@ -15,11 +18,36 @@ def _demo(argv: list[str]) -> int:
     return 0 if accuracy is None or accuracy >= 0.95 else 1
 
 
+class _PlanDrawn(Exception):
+    """Raised by the stand-in ``fit`` of ``syncstep lr-plot`` to stop the script once the plan is drawn."""
+
+
+@contextlib.contextmanager
+def _fit_draws_the_plan(out_png: str) -> Iterator[None]:
+    """While a script runs under ``syncstep lr-plot``, ``Trainer.fit`` draws the LR schedule and stops."""
+    from syncstep.plots import plot_lr_schedule
+    from syncstep.trainer import Trainer
+
+    def draw(trainer: Trainer, model: Any, train_dataloaders: Any = None, *args: Any, **kwargs: Any) -> None:
+        lrs = trainer.lr_schedule(model, train_dataloaders)
+        print(trainer.plan_summary())
+        plot_lr_schedule(lrs, out_png, steps_per_epoch=trainer._plan.steps_per_epoch)
+        print(f"syncstep: LR schedule of {trainer.estimated_stepping_batches} steps written to {out_png}")
+        raise _PlanDrawn
+
+    real_fit = Trainer.fit
+    Trainer.fit = draw
+    try:
+        yield
+    finally:
+        Trainer.fit = real_fit
+
+
 def _lr_plot(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="syncstep lr-plot",
         description="Plot the LR schedule a training script will follow (scaling, warmup and its schedulers), "
-        "without training: the script runs up to trainer.fit(), which draws the plan and exits.",
+        "without training: the script runs up to trainer.fit(), which draws the plan instead of training.",
     )
     p.add_argument("script", help="a training script that calls syncstep.Trainer(...).fit(...)")
     p.add_argument("--out", default="lr_schedule.png", help="PNG to write (default lr_schedule.png)")
@@ -28,17 +56,14 @@ def _lr_plot(argv: list[str]) -> int:
     if "--out" in args.args:
         print("syncstep lr-plot: note: --out after the script's name goes to the script; put it before the "
               "script to choose the PNG.", file=sys.stderr)
-    os.environ["SYNCSTEP_LR_PLOT"] = os.path.abspath(args.out)
     sys.argv = [args.script, *args.args]
     try:
-        runpy.run_path(args.script, run_name="__main__")
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            raise
-    if not os.path.exists(args.out):
-        print(f"syncstep lr-plot: {args.script} never reached trainer.fit(); no plot written.", file=sys.stderr)
-        return 1
-    return 0
+        with _fit_draws_the_plan(os.path.abspath(args.out)):
+            runpy.run_path(args.script, run_name="__main__")
+    except _PlanDrawn:
+        return 0
+    print(f"syncstep lr-plot: {args.script} never reached trainer.fit(); no plot written.", file=sys.stderr)
+    return 1
 
 
 def _inspect(argv: list[str]) -> int:
@@ -53,7 +78,7 @@ def _inspect(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from syncstep.bench import main
+    from syncstep.tools.bench import main
 
     return main(argv)
 

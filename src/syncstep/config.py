@@ -1,22 +1,22 @@
-"""Trainer arguments: names users bring from elsewhere, devices and strategy, all checked before any
-process starts, with errors that say what to do."""
+"""Every Trainer argument in one frozen dataclass, validated once, before any process starts.
+
+``Trainer(**arguments)`` builds a :class:`TrainerConfig`; nothing else in syncstep checks the user's
+arguments again. What depends on the data (the per-device batch, the number of steps) is checked when
+``fit()`` sees it, in ``plan.py``; what depends on the machine (GPUs, the launcher) in
+``strategies/select.py``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+from datetime import timedelta
 from typing import Any
 
-import torch
+from syncstep.plan import LR_SCALING_RULES, check_warmup_arguments
+from syncstep.precision import PRECISIONS
 
-from syncstep.launch import Environment
-from syncstep.strategies import STRATEGIES
-
-PRECISIONS = {
-    "32": "32", "32-true": "32", 32: "32",
-    "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
-    "16-mixed": "16-mixed", "16": "16-mixed", 16: "16-mixed",
-}
 # Names users bring from other trainers, Lightning 1.x and our own design note.
 ALIASES = {
     "num_epochs": "max_epochs", "epochs": "max_epochs", "n_epochs": "max_epochs",
@@ -26,8 +26,144 @@ ALIASES = {
     "root_dir": "default_root_dir",
 }
 
+NONFINITE_POLICIES = ("error", "skip")
+DEFAULT_MAX_EPOCHS = 1000  # Lightning's, when neither max_epochs nor max_steps is given
 
-def unknown_arguments(unknown: dict, valid: list[str]) -> TypeError:
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """What the user asked for. Each field is a ``Trainer`` argument of the same name and default."""
+
+    max_epochs: int | None = None
+    """Epochs to train; with neither this nor ``max_steps``, 1000 (said at start-up)."""
+    max_steps: int = -1
+    """Optimizer steps to train, -1 for no limit; whichever of the two limits comes first ends fit."""
+    accelerator: str = "auto"
+    """"cpu", "gpu" / "cuda", or "auto" (a GPU if one is visible)."""
+    devices: int | str | list[int] = "auto"
+    """Devices on this node: an int, a list of GPU indices, or "auto"."""
+    strategy: str = "auto"
+    """"single", "dp", "ddp", "ddp_find_unused_parameters_true"; auto: single for one device, else ddp."""
+    num_nodes: int = 1
+    """Machines; must match what torchrun or SLURM started."""
+    precision: str | int = "32"
+    """"32", "bf16-mixed" or "16-mixed" (with a gradient scaler); normalised to one of these."""
+    accumulate_grad_batches: int | None = None
+    """Micro-batches per optimizer step (default 1, or derived from ``global_batch_size``)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all replicas; accumulation is derived from the device count."""
+    lr_scaling: str = "auto"
+    """"linear", "sqrt", "none", or "auto" (linear for SGD-like optimizers, sqrt for adaptive ones)."""
+    reference_batch_size: int | None = None
+    """The batch the LR in configure_optimizers was tuned for (default: the per-device batch)."""
+    warmup_epochs: float | None = None
+    """Warmup length in epochs (0.5 = half an epoch)."""
+    warmup_steps: float | None = None
+    """Warmup length in optimizer steps at the reference batch; a float in (0, 1) is a fraction of the run."""
+    warmup_interval: str = "step"
+    """"step": the warmup multiplier changes every step; "epoch": once per epoch."""
+    warmup_type: str = "linear"
+    """"linear", "exponential" or "constant"."""
+    warmup_start_factor: float | None = None
+    """Where the warmup starts, as a fraction of the scaled LR; None: at the unscaled LR."""
+    gradient_clip_val: float | None = None
+    """Clip gradients (after unscaling) to this norm or value."""
+    gradient_clip_algorithm: str = "norm"
+    """"norm" (clip_grad_norm_) or "value" (clip_grad_value_)."""
+    val_check_interval: int | float | None = None
+    """Validate every N optimizer steps (int) or fraction of an epoch (float in (0, 1])."""
+    check_val_every_n_epoch: int | None = 1
+    """Validate at the end of every N-th epoch."""
+    log_every_n_steps: int = 50
+    """How often step values and the LR go to the loggers and the progress bar."""
+    seed: int | None = None
+    """Seeds Python, NumPy and torch on every rank, and the data order (0 if unset)."""
+    default_root_dir: str | None = None
+    """Where ``syncstep_logs/`` and ``checkpoints/`` go (default: the current directory); made absolute."""
+    enable_progress_bar: bool = True
+    """A tqdm bar on rank 0."""
+    logger: Any = True
+    """True (CSV, and TensorBoard if installed), "csv", "tensorboard", False, or logger objects."""
+    enable_checkpointing: bool = True
+    """Atomic checkpoints in ``checkpoints/`` plus ``last.ckpt``."""
+    ckpt_every_n_epochs: int | None = 1
+    """Checkpoint at the end of every N-th epoch."""
+    ckpt_every_n_steps: int | None = None
+    """Also checkpoint every N optimizer steps."""
+    keep_last: int = 2
+    """Step checkpoints to keep (the most recently written)."""
+    on_nonfinite_loss: str = "error"
+    """"error": every rank stops at the first NaN/inf loss; "skip": such steps are skipped on every rank."""
+    use_distributed_sampler: bool = True
+    """False: use the DataLoader as it is (you shard the data yourself)."""
+    timeout: float | timedelta = 300.0
+    """Collective timeout in seconds (or a timedelta); normalised to a timedelta."""
+
+    max_epochs_defaulted: bool = dataclasses.field(default=False, init=False)
+    """Whether ``max_epochs`` is the default 1000 because neither limit was given."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # a frozen dataclass normalises its own fields here, and only here
+        if self.max_epochs is not None and (not _is_int(self.max_epochs) or self.max_epochs < 0):
+            raise ValueError(f"max_epochs must be an int >= 0, got {self.max_epochs!r}.")
+        if not _is_int(self.max_steps) or self.max_steps < -1:
+            raise ValueError(f"max_steps must be an int >= 0, or -1 for no limit; got {self.max_steps!r}.")
+        if self.max_epochs is None and self.max_steps == -1:
+            set_(self, "max_epochs", DEFAULT_MAX_EPOCHS)
+            set_(self, "max_epochs_defaulted", True)
+        _positive_int("num_nodes", self.num_nodes, allow_none=False)
+        for name in ("accumulate_grad_batches", "global_batch_size", "reference_batch_size",
+                     "check_val_every_n_epoch", "ckpt_every_n_epochs", "ckpt_every_n_steps"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("log_every_n_steps", self.log_every_n_steps, allow_none=False)
+        _positive_int("keep_last", self.keep_last, allow_none=False)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'.")
+        set_(self, "precision", PRECISIONS[self.precision])
+        if self.lr_scaling not in LR_SCALING_RULES:
+            raise ValueError(f"lr_scaling={self.lr_scaling!r} is not one of {LR_SCALING_RULES}.")
+        check_warmup_arguments(warmup_steps=self.warmup_steps, warmup_epochs=self.warmup_epochs,
+                               interval=self.warmup_interval, kind=self.warmup_type,
+                               start_factor=self.warmup_start_factor)
+        clip = self.gradient_clip_val
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+            raise ValueError(f"gradient_clip_val must be a number > 0, got {clip!r}.")
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"gradient_clip_algorithm must be 'norm' or 'value', got {self.gradient_clip_algorithm!r}."
+            )
+        interval = self.val_check_interval
+        if interval is not None and not (
+            (_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1)
+        ):
+            raise ValueError(
+                f"val_check_interval must be an int >= 1 (optimizer steps) or a float in (0, 1] (a fraction "
+                f"of the epoch), got {interval!r}."
+            )
+        if self.on_nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite_loss must be 'error' or 'skip', got {self.on_nonfinite_loss!r}.")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}.")
+        timeout = self.timeout
+        if not isinstance(timeout, timedelta):
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}.")
+            set_(self, "timeout", timedelta(seconds=timeout))
+        set_(self, "default_root_dir", os.path.abspath(self.default_root_dir or os.getcwd()))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.default_root_dir, "checkpoints")
+
+
+def argument_names() -> list[str]:
+    """The Trainer's arguments, in order."""
+    return [f.name for f in dataclasses.fields(TrainerConfig) if f.init]
+
+
+def unknown_arguments(unknown: dict) -> TypeError:
+    """One error for every unknown argument, each with the name the user probably meant."""
+    valid = argument_names()
     hints = []
     for name in unknown:
         guess = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.6)), None)
@@ -35,99 +171,12 @@ def unknown_arguments(unknown: dict, valid: list[str]) -> TypeError:
     return TypeError("Trainer(): " + "; ".join(hints) + f" Valid arguments: {', '.join(valid)}.")
 
 
-def resolve_devices(accelerator: str, devices: Any, env: Environment) -> tuple[str, list[int] | None, int]:
-    """(accelerator, GPU indices or None, number of devices on this node), or a ValueError with the fix."""
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        close = difflib.get_close_matches(str(accelerator), ["auto", "cpu", "gpu", "cuda"], n=1)
-        raise ValueError(
-            f"accelerator={accelerator!r} is not supported; use 'auto', 'cpu' or 'gpu' ('cuda')"
-            + (f"; did you mean {close[0]!r}?" if close else ".")
-        )
-    if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu":
-        accelerator = "cuda"
-    launched = env.source != "local"
-    if isinstance(devices, str) and devices.lstrip("-").isdigit():
-        devices = int(devices)
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"accelerator={'gpu'!r} but no CUDA GPU is visible (torch {torch.__version__}, CUDA build: "
-            f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
-            "Use accelerator='cpu', or 'auto' to pick what is there."
-        )
-    if accelerator == "cpu":
-        if isinstance(devices, (list, tuple)):
-            raise ValueError(
-                f"devices={list(devices)} lists device indices, which select GPUs; on the CPU pass a "
-                "number of processes (ddp) or replicas (dp), e.g. devices=2."
-            )
-        if devices == "auto":
-            return "cpu", None, env.local_world_size if launched else 1
-        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-            raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
-        return "cpu", None, devices
-    count = torch.cuda.device_count()
-    if devices == "auto" or devices == -1:
-        ids = list(range(env.local_world_size if launched and devices == "auto" else count))
-    elif isinstance(devices, (list, tuple)):
-        ids = list(devices)
-        if not ids or len(set(ids)) != len(ids) or any(not isinstance(i, int) or i < 0 for i in ids):
-            raise ValueError(f"devices={ids} must be a non-empty list of distinct GPU indices.")
-    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
-        ids = list(range(devices))
-    else:
-        raise ValueError(f"devices must be 'auto', an int >= 1 or a list of GPU indices; got {devices!r}.")
-    if max(ids) >= count:
-        raise ValueError(
-            f"devices={devices!r} needs GPU {max(ids)}, but only {count} GPU{'s' * (count != 1)} "
-            f"{'is' if count == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Use devices={count} or fewer."
-        )
-    return "cuda", ids, len(ids)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str:
-    """The strategy's registry name, checked against the devices, nodes and launcher."""
-    names = ["auto", *STRATEGIES]
-    if strategy not in names:
-        close = difflib.get_close_matches(str(strategy), names, n=1)
-        raise ValueError(
-            f"strategy={strategy!r} is not one of {names}" + (f"; did you mean {close[0]!r}?" if close else ".")
-        )
-    if strategy == "auto":
-        strategy = "single" if n == 1 and nodes == 1 and env.world_size == 1 else "ddp"
-    if strategy == "single" and (n > 1 or nodes > 1):
-        raise ValueError(
-            f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'."
-        )
-    if strategy == "dp":
-        if nodes > 1:
-            raise ValueError(
-                "strategy='dp' runs in one process on one machine, so num_nodes must be 1; for several "
-                "machines use strategy='ddp'."
-            )
-        if env.world_size > 1:
-            raise ValueError(
-                f"strategy='dp' is one process, but this is process {env.global_rank} of {env.world_size} "
-                f"started by {env.source}. Use strategy='ddp' with a launcher, or run dp with plain python."
-            )
-        return strategy
-    if env.source != "local":
-        if env.num_nodes != nodes:
-            raise ValueError(
-                f"num_nodes={nodes}, but {env.source} started {env.num_nodes} node(s) "
-                f"({env.world_size} processes, {env.local_world_size} per node). Pass num_nodes={env.num_nodes}."
-            )
-        if env.local_world_size != n:
-            raise ValueError(
-                f"devices={n}, but {env.source} started {env.local_world_size} process(es) on this node. "
-                f"Pass devices={env.local_world_size} (or 'auto'), or start {n} per node "
-                f"(torchrun --nproc-per-node={n}; SLURM --ntasks-per-node={n})."
-            )
-    elif nodes > 1:
-        raise ValueError(
-            f"num_nodes={nodes}, but this process was not started by torchrun or SLURM. Start one launcher "
-            f"per machine: torchrun --nnodes={nodes} --nproc-per-node={n} --rdzv-backend=c10d "
-            "--rdzv-endpoint=HOST:PORT train.py (or srun under SLURM)."
-        )
-    return strategy
+
+def _positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")

@@ -18,7 +18,7 @@ exactly once; the stock DistributedSampler pads with duplicates instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,6 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from syncstep import distributed as dist
 from syncstep.plan import BatchPlan
 
 
@@ -104,7 +103,7 @@ class TrainBatchSampler(Sampler[list[int]]):
 
         A replica with no sample gets the micro-batch's samples with count 0 (see the module docstring).
         DP drops such replicas itself; DDP must run them. Whole steps are cut with one slice per batch
-        (this runs once per epoch, over every sample: 1-3 us a step).
+        (this runs once per epoch, over every sample).
         """
         layout, replicas = self.layout, self.replicas
         world, g = layout.world_size, layout.global_batch_size
@@ -218,8 +217,12 @@ def sampler_order(sampler: Sampler, epoch: int) -> list[int]:
 class TrainData:
     """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
 
-    def __init__(self, loader: Any, seed: int | None, replicas_per_process: int, distributed_sampler: bool) -> None:
+    def __init__(self, loader: Any, seed: int | None, replicas_per_process: int, distributed_sampler: bool,
+                 broadcast_object: Callable[[Callable[[], Any]], Any]) -> None:
+        """``broadcast_object(make)`` runs ``make`` on rank 0 and gives its result to every rank (the
+        strategy's; in one process simply ``make()``)."""
         self.loader, self.distributed_sampler = loader, distributed_sampler
+        self.broadcast_object = broadcast_object
         self.replicas_per_process = replicas_per_process
         if distributed_sampler:
             info = inspect_loader(loader, "train_dataloaders")
@@ -233,7 +236,7 @@ class TrainData:
                 raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
             self.num_samples = 0  # unknown: the loader decides
         # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
-        self.shuffle_seed = dist.broadcast_object(lambda: seed if seed is not None else 0)
+        self.shuffle_seed = broadcast_object(lambda: seed if seed is not None else 0)
         self.layout: StepLayout | None = None
         self.sampler: TrainBatchSampler | None = None
         self.replicas: list[int] = []
@@ -258,7 +261,7 @@ class TrainData:
     def _order(self, epoch: int) -> list[int]:
         info = self.info
         if info.custom_sampler is not None:
-            return dist.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
+            return self.broadcast_object(lambda: sampler_order(info.custom_sampler, epoch))
         return epoch_order(self.num_samples, info.shuffle, self.shuffle_seed, epoch)
 
     def start_epoch(self, epoch: int, start_sample: int) -> tuple[list, Iterator]:

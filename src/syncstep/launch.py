@@ -282,3 +282,21 @@ def _remove(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def report_failure(error: BaseException, *, rank: int, world_size: int, where: str) -> None:
+    """Name the rank and where it failed, and hand the error to the launcher (ours, or torchrun's file)."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return
+    if world_size > 1:
+        print(f"syncstep: rank {rank} failed in {where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    write_error_file(rank, error)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE") and isinstance(error, Exception):
+        try:
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(error)
+        except Exception:  # the report is a courtesy; the original error must propagate
+            import traceback
+
+            traceback.print_exc()

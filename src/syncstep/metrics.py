@@ -11,11 +11,7 @@ and at epoch ends, so logging does not add a device sync per step.
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,8 +63,8 @@ class LogStore:
         self.sync_dist: set[str] = set()
 
     def log(self, name, value, on_step, on_epoch, prog_bar, logger, sync_dist, batch_size) -> None:
-        # Called on every step (a few hundred us on a tiny model): the common case, a one-element tensor
-        # logged per step in training, takes the fewest branches.
+        # Called on every step: the common case, a one-element tensor logged per step in training, takes
+        # the fewest branches (docs/benchmarks.md has what a step of a tiny model costs).
         context = self.context
         if on_step is None or on_epoch is None:
             training = context.stage == "train"
@@ -151,190 +147,60 @@ class LogStore:
         return {n: float(s[0] / s[1]) for n, s in zip(names, sums) if s[1] > 0}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Where values go: metrics.csv, TensorBoard, the progress bar. Only rank 0 creates these.
+def union_of_names(gather: Callable[[Any], list[Any]]) -> Callable[[list[str]], list[str]]:
+    """The sorted union of every rank's names, through ``gather`` (ranks that saw no batch take part too)."""
+    return lambda names: sorted(set().union(*gather(names)))
 
 
-class CSVLogger:
-    """``metrics.csv`` with one row per logging step or epoch end; columns grow as names appear.
+class Metrics:
+    """The values of a run: what ``self.log`` collected (``store``), reduced over ranks, kept as the
+    latest value of each name (``callback_metrics``) and sent to the loggers (rank 0 has them)."""
 
-    The file is rewritten whole (to a temporary file, then renamed) on each flush, so it is never half
-    written and new columns need no special case; rows are few (one per log_every_n_steps).
-    """
+    def __init__(self) -> None:
+        self.store = LogStore()
+        self.values: dict[str, float] = {}  # the latest value of every name; callback_metrics reads these
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._stale: set[str] = set()
+        self.logged: dict[str, float] = {}
+        self.loggers: list[Any] = []
 
-    def __init__(self, log_dir: str) -> None:
-        self.log_dir = log_dir
-        self.path = os.path.join(log_dir, "metrics.csv")
-        self.rows: list[dict[str, float]] = []
-        self.columns: list[str] = ["epoch", "step"]
-        self._dirty = False
+    @property
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        """The latest value of every logged metric, as float64 tensors (Lightning's name and type)."""
+        # Kept as floats and made into tensors when read: most runs never read the dict during training,
+        # and a logging step should not pay for tensors nobody looks at.
+        if self._stale:
+            for name in self._stale:
+                self._tensors[name] = torch.tensor(self.values[name], dtype=torch.float64)
+            self._stale.clear()
+        return self._tensors
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, **metrics}
-        for name in row:
-            if name not in self.columns:
-                self.columns.append(name)
-        self.rows.append(row)
-        self._dirty = True
+    def update(self, values: dict[str, float]) -> None:
+        self.values.update(values)
+        self._stale.update(values)
 
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, "hparams.txt"), "w") as f:
-            for key, value in params.items():
-                f.write(f"{key}: {value}\n")
+    def step_values(self, strategy: Any) -> dict[str, float]:
+        """This step's values (every rank calls it: names logged with sync_dist are all-reduced)."""
+        return self.store.step_values(strategy.all_reduce)
 
-    def flush(self) -> None:
-        if not self._dirty:
-            return
-        os.makedirs(self.log_dir, exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
-        self._dirty = False
+    def epoch_values(self, strategy: Any) -> dict[str, float]:
+        """The epoch's sample-weighted means over every rank; clears the epoch (every rank calls it)."""
+        return self.store.epoch_values(strategy.all_reduce, union_of_names(strategy.all_gather_object))
 
-    def finalize(self) -> None:
-        self.flush()
-
-
-class TensorBoardLogger:
-    """TensorBoard event files next to metrics.csv (imported only when used).
-
-    Each logging step becomes one event holding all its scalars (what ``add_scalar`` writes, one
-    ``simple_value`` per name, at the step and the wall time it was logged). The events are built in
-    batches, every ``write_every`` logging steps or ``write_secs`` seconds, and at every flush (each
-    epoch's end) and at the end of the run. Built one at a time (with ``summary.scalar``, which goes
-    through numpy), between training steps that have pushed this code out of the CPU's caches, an event
-    cost 138 us on average; built this way, 57 us (benchmarks/log_step_cost.py). SummaryWriter itself
-    then writes to disk every 120 s, as always.
-    """
-
-    def __init__(self, log_dir: str, write_every: int = 20, write_secs: float = 10.0) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=log_dir)
-        self._summary = Summary
-        self.write_every, self.write_secs = write_every, write_secs
-        self._pending: list[tuple[int, float, dict[str, float]]] = []
-        self._written_at = time.monotonic()
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._pending.append((step, time.time(), dict(metrics)))
-        if len(self._pending) >= self.write_every or time.monotonic() - self._written_at >= self.write_secs:
-            self._write()
-
-    def _write(self) -> None:
-        summary, value = self._summary, self._summary.Value
-        add = self.writer.file_writer.add_summary
-        for step, wall_time, metrics in self._pending:
-            values = [value(tag=name, simple_value=float(v)) for name, v in metrics.items() if name != "epoch"]
-            if values:
-                add(summary(value=values), step, wall_time)
-        self._pending.clear()
-        self._written_at = time.monotonic()
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        self.writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+    def send(self, values: dict[str, float], step: int) -> None:
+        """To every logger (none but on rank 0), without the names logged with logger=False."""
+        shown = {k: v for k, v in values.items() if k not in self.store.hidden}
+        self.logged.update(shown)
+        for logger in self.loggers:
+            logger.log_metrics(shown, step)
 
     def flush(self) -> None:
-        self._write()
-        self.writer.flush()
+        for logger in self.loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
 
     def finalize(self) -> None:
-        self._write()
-        self.writer.close()
-
-
-def tensorboard_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def next_version_dir(root: str) -> str:
-    """``root/version_N`` with N one more than the highest there, as Lightning names its runs."""
-    existing = []
-    if os.path.isdir(root):
-        for entry in os.listdir(root):
-            if entry.startswith("version_") and entry[8:].isdigit():
-                existing.append(int(entry[8:]))
-    return os.path.join(root, f"version_{max(existing, default=-1) + 1}")
-
-
-def format_metric(value: float) -> str:
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    return f"{value:.4g}"
-
-
-class ProgressBar:
-    """A tqdm bar per epoch on rank 0, showing the values logged with ``prog_bar=True``.
-
-    tqdm is told of finished steps every ``every`` steps, and ``every`` adapts so that this happens
-    about 20 times a second at most (tqdm redraws at most 10 times a second anyway), rather than a tqdm
-    call on every step of a model whose steps take a few hundred microseconds.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.pending, self.every = 0, 1
-        self.postfix: dict[str, float] | None = None  # values to show, not yet handed to tqdm
-        self.postfix_at = 0.0
-        self.advanced_at = 0.0
-
-    def start(self, description: str, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm.auto import tqdm
-
-        self.close()
-        self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=True, unit="step")
-        self.pending, self.every, self.advanced_at = 0, 1, time.monotonic()
-
-    def update(self) -> None:
-        """One step done (the training loop counts its steps itself and calls ``advance``)."""
-        self.pending += 1
-        if self.pending >= self.every:
-            self.advance(self.pending)
-            self.pending = 0
-
-    def advance(self, steps: int) -> int:
-        """``steps`` more steps done; call it every ``every`` steps. Returns ``every``, which may change."""
-        if self.bar is not None and steps:
-            now = time.monotonic()
-            if now - self.advanced_at < 0.05:  # more often than 20 times a second: wait longer
-                self.every = min(self.every * 2, 1 << 20)
-            elif now - self.advanced_at > 0.2 and self.every > 1:
-                self.every //= 2
-            self.advanced_at = now
-            # tqdm redraws at most every 0.1 s (mininterval): values logged in between would be formatted
-            # for nothing, so they are handed over only as often (25 us each time: log_step_cost.py).
-            if self.postfix is not None and now - self.postfix_at >= self.bar.mininterval:
-                self._set_postfix()
-            self.bar.update(steps)
-        return self.every
-
-    def show(self, values: dict[str, float]) -> None:
-        """Show ``values`` after the bar (from its next redraw on)."""
-        if self.bar is not None and values:
-            self.postfix = values
-
-    def _set_postfix(self) -> None:
-        self.bar.set_postfix({k: format_metric(v) for k, v in self.postfix.items()}, refresh=False)
-        self.postfix, self.postfix_at = None, time.monotonic()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            if self.postfix is not None:
-                self._set_postfix()
-            if self.pending:
-                self.bar.update(self.pending)
-            self.bar.close()
-            self.bar = None
-        self.pending = 0
-        self.postfix = None
+        for logger in self.loggers:
+            if hasattr(logger, "finalize"):
+                logger.finalize()
+        self.loggers = []

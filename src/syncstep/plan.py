@@ -96,21 +96,17 @@ def plan_batch(
 ) -> BatchPlan:
     """Derive gradient accumulation and the reference batch, with errors that name the numbers.
 
+    The arguments were checked by ``TrainerConfig``; what is checked here depends on the data.
+
     With ``global_batch_size`` set, accumulation is derived so that the same script trains on the same
     global batch at any device count: A = G / (b x W).
     """
     b, w = per_device_batch_size, world_size
     if not isinstance(b, int) or b < 1:
         raise ValueError(f"the per-device batch size must be a positive int, got {b!r} (the DataLoader's batch_size).")
-    if accumulate_grad_batches is not None and (
-        not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1
-    ):
-        raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}.")
     if global_batch_size is None:
         accumulation = accumulate_grad_batches or 1
     else:
-        if not isinstance(global_batch_size, int) or global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}.")
         unit = b * w
         if global_batch_size % unit:
             raise ValueError(
@@ -127,8 +123,6 @@ def plan_batch(
                 f"{accumulate_grad_batches} was given. Pass one of the two, not both."
             )
     reference = b if reference_batch_size is None else reference_batch_size
-    if not isinstance(reference, int) or reference < 1:
-        raise ValueError(f"reference_batch_size must be a positive int, got {reference!r}.")
     return BatchPlan(b, w, accumulation, reference)
 
 
@@ -160,22 +154,10 @@ def warmup_multiplier(t: float, target: float, warmup: Warmup) -> float:
     raise ValueError(f"unknown warmup kind {warmup.kind!r}; expected one of {WARMUP_KINDS}.")
 
 
-def resolve_warmup(
-    *,
-    warmup_steps: float | None,
-    warmup_epochs: float | None,
-    interval: str,
-    kind: str,
-    start_factor: float | None,
-    steps_per_epoch: int,
-    total_steps: int,
-    batch: BatchPlan,
-) -> Warmup:
-    """Turn the user's warmup arguments into a length in optimizer steps (or whole epochs).
-
-    ``warmup_steps`` counts optimizer steps at the reference batch, so that the warmup covers the same
-    number of samples at any device count; a float in (0, 1) is a fraction of the run's steps.
-    """
+def check_warmup_arguments(
+    *, warmup_steps: float | None, warmup_epochs: float | None, interval: str, kind: str, start_factor: float | None
+) -> None:
+    """The warmup arguments on their own (``TrainerConfig`` calls this once); lengths need the data."""
     if interval not in WARMUP_INTERVALS:
         raise ValueError(f"warmup_interval={interval!r} is not one of {WARMUP_INTERVALS}.")
     if kind not in WARMUP_KINDS:
@@ -190,17 +172,35 @@ def resolve_warmup(
             f"warmup_steps={warmup_steps} and warmup_epochs={warmup_epochs} were both given; pass one."
         )
     for name, value in (("warmup_steps", warmup_steps), ("warmup_epochs", warmup_epochs)):
-        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
     if interval == "epoch":
         if warmup_steps:
             raise ValueError(
                 "warmup_interval='epoch' counts the warmup in epochs: pass warmup_epochs, not warmup_steps."
             )
-        epochs = warmup_epochs or 0
-        if epochs != int(epochs):
-            raise ValueError(f"warmup_interval='epoch' needs a whole number of warmup_epochs, got {epochs}.")
-        return Warmup(int(epochs), "epoch", kind, start_factor)
+        if (warmup_epochs or 0) != int(warmup_epochs or 0):
+            raise ValueError(f"warmup_interval='epoch' needs a whole number of warmup_epochs, got {warmup_epochs}.")
+
+
+def resolve_warmup(
+    *,
+    warmup_steps: float | None,
+    warmup_epochs: float | None,
+    interval: str,
+    kind: str,
+    start_factor: float | None,
+    steps_per_epoch: int,
+    total_steps: int,
+    batch: BatchPlan,
+) -> Warmup:
+    """Turn the (checked) warmup arguments into a length in optimizer steps (or whole epochs).
+
+    ``warmup_steps`` counts optimizer steps at the reference batch, so that the warmup covers the same
+    number of samples at any device count; a float in (0, 1) is a fraction of the run's steps.
+    """
+    if interval == "epoch":
+        return Warmup(int(warmup_epochs or 0), "epoch", kind, start_factor)
     if warmup_epochs:
         length = round(warmup_epochs * steps_per_epoch)
     elif warmup_steps and warmup_steps < 1:

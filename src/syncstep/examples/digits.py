@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> float:
                                    strategy=args.strategy, warmup_epochs=1, seed=args.seed, logger=False)
         lrs = preview.lr_schedule(Classifier(args.lr, args.epochs), train)
         lr_png = plot_lr_schedule(lrs, os.path.join(args.root, "lr_schedule.png"),
-                                  steps_per_epoch=preview._steps_per_epoch)
+                                  steps_per_epoch=preview.estimated_stepping_batches // args.epochs)
     trainer.fit(model, train, val)
     accuracy = trainer.validate(model, val)[0]["val_acc"]
     if trainer.is_global_zero:

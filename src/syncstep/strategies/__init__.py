@@ -1,31 +1,51 @@
 """Strategies: what differs between one device, DP and DDP, and nothing else.
 
-A strategy knows where this process computes (``devices``), which replicas of the data it feeds
-(``replicas``, out of ``world_size``), how it wraps the model, how it runs one step's batches and
-combines their losses, and whether to sync gradients on this backward. Collectives live in
-``syncstep.distributed`` and are no-ops in one process, so the trainer has no ``if distributed``.
+A strategy owns where this process computes (``devices``), which replicas of the data it feeds
+(``replicas``, out of ``world_size``), whether processes must be started (``launch``) and a process
+group joined (``setup_environment``), how it wraps the model, how it runs one step's batches and
+combines their losses, whether to sync gradients on this backward, and the collectives, which put a
+tensor where the backend needs it and are the identity in one process. So the loop never asks which
+strategy it runs, and has one code path at any world size.
+
+To add a strategy: a class with the members of :class:`Strategy`, and an entry in ``STRATEGIES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import torch
 
+from syncstep.strategies.common import StepRunner
 from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.dp import DataParallelStrategy
 from syncstep.strategies.single import SingleDeviceStrategy
 
+T = TypeVar("T")
+
 
 class Strategy(Protocol):
     name: str
-    devices: list[torch.device]  # where this process computes; devices[0] holds the model
+    devices: list[torch.device]  # where this process computes; root_device holds the model
+    root_device: torch.device
+    num_devices: int  # devices on this node (this process's for dp; one per process for ddp)
     replicas: list[int]  # the data replicas this process feeds
     world_size: int  # replicas across all processes: the k of the global batch
+    num_processes: int  # processes in the job (1 for single and dp)
+    global_rank: int
+    local_rank: int
     gradient_averaging: int  # processes whose gradients are averaged (DDP's world size, else 1)
 
-    def setup(self, module: torch.nn.Module) -> None: ...
+    def launch(self) -> None:
+        """Start the processes this strategy needs, if nothing else did (never returns in the parent)."""
+
+    def setup_environment(self) -> None:
+        """Select this process's device and join the process group, if there is one."""
+
+    def setup(self, runner: StepRunner) -> None:
+        """Move the model to its device(s) and wrap it."""
 
     def training_step(
         self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
@@ -35,16 +55,27 @@ class Strategy(Protocol):
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None: ...
 
-    def sync_gradients(self, enabled: bool) -> None: ...
+    def sync_gradients(self, enabled: bool) -> None:
+        """Whether the next backward all-reduces the gradients (off on accumulating micro-batches)."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``op`` ("sum", "max", "min") over processes; the result is on ``tensor``'s device."""
+
+    def broadcast_object(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, sent to every rank."""
+
+    def all_gather_object(self, obj: T) -> list[T]: ...
+
+    def barrier(self) -> None: ...
 
     def teardown(self) -> None: ...
 
 
-STRATEGIES: dict[str, Any] = {
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "single": SingleDeviceStrategy,
     "dp": DataParallelStrategy,
     "ddp": DDPStrategy,
-    "ddp_find_unused_parameters_true": lambda **kw: DDPStrategy(find_unused_parameters=True, **kw),
+    "ddp_find_unused_parameters_true": functools.partial(DDPStrategy, find_unused_parameters=True),
 }
 
 __all__ = ["STRATEGIES", "Strategy", "DDPStrategy", "DataParallelStrategy", "SingleDeviceStrategy"]

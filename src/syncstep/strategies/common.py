@@ -57,5 +57,42 @@ class StepRunner(torch.nn.Module):
     def forward(self, stage: str, batch: Any, batch_idx: int, count: int) -> Any:
         context = self.log_context
         context.stage, context.count = stage, count
-        # self._modules["module"], not self.module: nn.Module's attribute fallback costs ~1.5 us a step.
+        # self._modules["module"], not self.module: nn.Module's __getattr__ fallback is slow, every step.
         return getattr(self._modules["module"], _HOOKS[stage])(batch, batch_idx)
+
+
+class OneProcess:
+    """What the single-device and dp strategies share: one process, so nothing to launch or join, and
+    every collective is the identity (the trainer calls them at any world size, with no ``if``)."""
+
+    name: str
+    devices: list[torch.device]
+    num_processes = 1
+    global_rank = 0
+    local_rank = 0
+
+    @property
+    def root_device(self) -> torch.device:
+        return self.devices[0]
+
+    def launch(self) -> None:
+        pass
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+
+    def sync_gradients(self, enabled: bool) -> None:
+        pass  # one process: there is nothing to synchronise
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, make: Any) -> Any:
+        return make()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass

@@ -1,6 +1,7 @@
 """Distributed Data Parallel: one process per device, gradients averaged by all-reduce.
 
-The process group is created by the trainer (see ``syncstep.launch``); this wraps the model in
+The strategy starts the processes when nothing else did (``launch``), joins the process group
+(``setup_environment``, through ``syncstep.launch``), and owns the collectives. It wraps the model in
 ``torch.nn.parallel.DistributedDataParallel`` and runs the training step through it, so that DDP's
 hooks all-reduce the gradients during backward.
 """
@@ -8,32 +9,73 @@ hooks all-reduce the gradients during backward.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from syncstep.launch import Environment, can_self_launch, init_process_group, self_launch
 from syncstep.strategies.common import StepRunner, extract_loss, move_to_device
+
+T = TypeVar("T")
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 class DDPStrategy:
     name = "ddp"
 
-    def __init__(self, devices: list[torch.device], find_unused_parameters: bool = False, **_: Any) -> None:
-        if len(devices) != 1:
-            raise ValueError(f"a DDP process drives one device, got {devices}.")
-        self.devices = devices
+    def __init__(self, *, accelerator: str, device_ids: list[int] | None, num_devices: int, num_nodes: int,
+                 env: Environment, timeout: timedelta, find_unused_parameters: bool = False, **_: Any) -> None:
+        self.env, self.timeout = env, timeout
+        self.num_devices = num_devices
+        launched = env.source != "local"
+        self.global_rank, self.local_rank = env.global_rank, env.local_rank
+        cuda = accelerator != "cpu"
+        self.devices = [torch.device("cuda", device_ids[self.local_rank]) if cuda else torch.device("cpu")]
         self.find_unused_parameters = find_unused_parameters
-        self.world_size = dist.get_world_size()
+        self.name = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
+        # The k of the global batch, known before any process starts (a launcher's world is checked
+        # against it in strategies/select.py); the processes are the replicas.
+        self.world_size = num_devices * num_nodes
+        self.num_processes = env.world_size if launched else 1
         self.gradient_averaging = self.world_size
-        self.replicas = [dist.get_rank()]
+        self.replicas = [self.global_rank]
+        # NCCL only reduces tensors on the GPU; gloo takes CPU tensors.
+        self.collective_device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
         self.runner: StepRunner | None = None
         self.ddp: DistributedDataParallel | None = None
 
+    @property
+    def root_device(self) -> torch.device:
+        return self.devices[0]
+
+    def launch(self) -> None:
+        """From a plain ``python train.py`` with devices > 1, start the processes (this one never returns)."""
+        if self.env.source != "local" or self.num_devices == 1:
+            return  # already launched, or one process: DDP with a world of one
+        why = can_self_launch()
+        if why:
+            raise ValueError(
+                f"strategy='ddp' with devices={self.num_devices} needs {self.num_devices} processes, and syncstep "
+                f"cannot start them itself because {why}. Run the script with python, or with "
+                f"torchrun --nproc-per-node={self.num_devices} script.py."
+            )
+        self_launch(self.num_devices)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        init_process_group(self.env, self.root_device, self.timeout)
+        if not dist.is_initialized():  # pragma: no cover - init_process_group raises instead
+            raise RuntimeError("the process group did not start")
+
     def setup(self, runner: StepRunner) -> None:
-        device = self.devices[0]
+        device = self.root_device
         runner.module.to(device)
         self.runner = runner
         warn_if_parameters_differ(runner.module, device)
@@ -62,6 +104,34 @@ class DDPStrategy:
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
         # Evaluation has no backward, so it skips DDP's forward (and its buffer broadcast).
         self.runner(stage, self._move(batches[0]), batch_idx, counts[0])
+
+    # -- collectives: every rank calls them, in the same order --------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum / max / min over the processes; the result is on ``tensor``'s device (in place if it can)."""
+        if not dist.is_initialized():
+            return tensor
+        moved = tensor.to(self.collective_device)
+        dist.all_reduce(moved, op=_OPS[op])
+        return moved if moved.device == tensor.device else moved.to(tensor.device)
+
+    def broadcast_object(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, sent to every rank (``make`` runs nowhere else)."""
+        if not dist.is_initialized():
+            return make()
+        box: list[Any] = [make() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        if not dist.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
 
     def teardown(self) -> None:
         self.ddp = None

@@ -18,6 +18,7 @@ but not faster than one device.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import replicate
 
-from syncstep.strategies.common import StepRunner, extract_loss, move_to_device
+from syncstep.strategies.common import OneProcess, StepRunner, extract_loss, move_to_device
 
 
 def cpu_replicate(network: torch.nn.Module, n: int) -> list[torch.nn.Module]:
@@ -43,26 +44,32 @@ def cpu_replicate(network: torch.nn.Module, n: int) -> list[torch.nn.Module]:
     return replicas
 
 
-class DataParallelStrategy:
+class DataParallelStrategy(OneProcess):
     name = "dp"
     gradient_averaging = 1
 
-    def __init__(self, devices: list[torch.device], **_: Any) -> None:
-        if len({d.type for d in devices}) != 1:
-            raise ValueError(f"strategy='dp' needs devices of one kind, got {devices}.")
-        self.devices = devices
-        self.world_size = len(devices)
-        self.replicas = list(range(len(devices)))
+    def __init__(self, *, accelerator: str, device_ids: list[int] | None, num_devices: int, **_: Any) -> None:
+        if accelerator == "cpu":
+            self.devices = [torch.device("cpu")] * num_devices
+            if num_devices > 1:
+                warnings.warn(
+                    f"strategy='dp' on the CPU runs {num_devices} replicas in threads of one process: the "
+                    "results are those of DP on GPUs, but it is no faster than one device. Use it to develop "
+                    "and test; for speed on CPUs use strategy='ddp'.",
+                    stacklevel=4,  # the user's Trainer(...) call
+                )
+        else:
+            self.devices = [torch.device("cuda", i) for i in device_ids]
+        self.world_size = self.num_devices = len(self.devices)
+        self.replicas = list(range(len(self.devices)))
         self.runner: StepRunner | None = None
-        self.pool = ThreadPoolExecutor(max_workers=max(1, len(devices) - 1), thread_name_prefix="syncstep-dp")
-        self.cpu = devices[0].type == "cpu"
+        self.pool: ThreadPoolExecutor | None = None
+        self.cpu = accelerator == "cpu"
 
     def setup(self, runner: StepRunner) -> None:
-        runner.module.to(self.devices[0])
+        runner.module.to(self.root_device)
         self.runner = runner
-
-    def sync_gradients(self, enabled: bool) -> None:
-        pass  # one process: nothing to synchronise
+        self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.devices) - 1), thread_name_prefix="syncstep-dp")
 
     def _replicate(self, n: int) -> list[torch.nn.Module]:
         if self.cpu:
@@ -117,4 +124,6 @@ class DataParallelStrategy:
         self._parallel_apply(stage, batches, counts, batch_idx)
 
     def teardown(self) -> None:
-        self.pool.shutdown(wait=False)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None

@@ -7,29 +7,28 @@ from typing import Any
 
 import torch
 
-from syncstep.strategies.common import StepRunner, extract_loss, move_to_device
+from syncstep.strategies.common import OneProcess, StepRunner, extract_loss, move_to_device
 
 
-class SingleDeviceStrategy:
+class SingleDeviceStrategy(OneProcess):
     name = "single"
     replicas = [0]
     world_size = 1
+    num_devices = 1
     gradient_averaging = 1
 
-    def __init__(self, devices: list[torch.device], **_: Any) -> None:
-        if len(devices) != 1:
-            raise ValueError(f"strategy='single' runs on one device, got {len(devices)}; use 'ddp' or 'dp'.")
-        self.devices = devices
-        self.on_cpu = devices[0].type == "cpu"
+    def __init__(self, *, accelerator: str, device_ids: list[int] | None, **_: Any) -> None:
+        self.devices = [torch.device("cpu") if accelerator == "cpu" else torch.device("cuda", device_ids[0])]
+        self.on_cpu = accelerator == "cpu"
         self.runner: StepRunner | None = None
 
     def setup(self, runner: StepRunner) -> None:
-        runner.module.to(self.devices[0])
+        runner.module.to(self.root_device)
         self.runner = runner
         self._module, self._context = runner.module, runner.log_context  # (nn.Module's getattr is slow)
 
     def _move(self, batch: Any) -> Any:
-        return batch if self.on_cpu else move_to_device(batch, self.devices[0])
+        return batch if self.on_cpu else move_to_device(batch, self.root_device)
 
     def training_step(
         self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
@@ -38,7 +37,8 @@ class SingleDeviceStrategy:
         # DDP's hooks are for DDP), with the trainer's context already set to "train" for Module.log.
         batch = next(batches)
         self._context.count = counts[0]
-        loss = self._module.training_step(batch if self.on_cpu else move_to_device(batch, self.devices[0]), batch_idx)
+        loss = self._module.training_step(batch if self.on_cpu else move_to_device(batch, self.root_device),
+                                          batch_idx)
         if type(loss) is not torch.Tensor or loss.ndim:  # anything but a plain 0-d tensor: check it
             loss = extract_loss(loss)
         weight = weights[0]
@@ -46,9 +46,6 @@ class SingleDeviceStrategy:
 
     def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
         self.runner(stage, self._move(batches[0]), batch_idx, counts[0])
-
-    def sync_gradients(self, enabled: bool) -> None:
-        pass
 
     def teardown(self) -> None:
         pass

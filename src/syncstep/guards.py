@@ -1,0 +1,144 @@
+"""Non-finite losses and SIGTERM: watched on each rank, agreed by every rank, in one place.
+
+Each rank watches its own losses as they come (``watcher``). The ranks agree at *agreement points*:
+every logging step, every epoch's end and before every checkpoint (``agree``, one all-reduce of two
+numbers: the first non-finite step with the rank that saw it, and whether any rank got SIGTERM). So
+every rank raises :class:`NonFiniteLossError` at the same point, naming the same step and rank, and
+every rank stops for a SIGTERM at the same step. With ``on_nonfinite_loss="skip"`` the ranks agree on
+every step instead (``skip_step``), and skip such steps together.
+
+How a loss is watched depends on where it lives: on the CPU it is read as it comes (``loss.item()``
+waits for nothing there); on a GPU reading it would wait for the GPU, so the losses are kept and read
+together, in one sync, at the next agreement point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; every rank raises it at the same step."""
+
+
+class Preempted(SystemExit):
+    """``fit()`` stopped on SIGTERM after writing a checkpoint; raised by ``fit()`` on every rank.
+
+    A ``SystemExit`` with code 143 (128 + SIGTERM), so that a script that does not catch it exits as a
+    preempted job should, without a traceback; catch it to do something else before exiting.
+    Resume with ``trainer.fit(..., ckpt_path="last")``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_NOTHING_FOUND = 2**62  # larger than any (step, rank) packed by ``agree``
+
+
+class Guards:
+    def __init__(self, strategy: Any, state: Any, *, on_nonfinite_loss: str, log_every_n_steps: int,
+                 print_fn: Callable[..., None]) -> None:
+        self.strategy, self.state, self.print = strategy, state, print_fn
+        self.skip = on_nonfinite_loss == "skip"
+        self.log_every_n_steps = log_every_n_steps
+        self.first_nonfinite_step: int | None = None  # on the CPU: found as each loss comes
+        self.recent_losses: list[tuple[int, torch.Tensor]] = []  # on a GPU: read at the next agreement
+        self.stop_signal = False  # SIGTERM on this rank; after ``agree``, on any rank
+
+    def watcher(self) -> Callable[[torch.Tensor], None]:
+        """The function the loop calls with every micro-batch's loss."""
+        state, isfinite = self.state, math.isfinite
+        if self.strategy.root_device.type == "cpu":
+            def watch_on_cpu(loss: torch.Tensor) -> None:
+                if not isfinite(loss.item()) and self.first_nonfinite_step is None:
+                    self.first_nonfinite_step = state.global_step
+
+            return watch_on_cpu
+        recent = self.recent_losses
+
+        def watch_on_gpu(loss: torch.Tensor) -> None:
+            recent.append((state.global_step, loss.detach()))
+
+        return watch_on_gpu
+
+    def agree(self) -> None:
+        """On every rank: raise NonFiniteLossError if any rank's loss was NaN or infinite since the last
+        agreement (the first such step, and the rank), and learn whether any rank got SIGTERM."""
+        bad_step = sys.maxsize
+        if self.first_nonfinite_step is not None:
+            bad_step, self.first_nonfinite_step = self.first_nonfinite_step, None
+        losses = self.recent_losses
+        if losses and not self.skip:  # ("skip" reads them at every step)
+            values = [x for _, x in losses]
+            try:
+                finite = torch.stack(values).isfinite().reshape(-1)
+            except RuntimeError:  # losses of different shapes ((), (1,)) or devices
+                finite = torch.stack([x.float().reshape(()).cpu() for x in values]).isfinite()
+            if not bool(finite.all()):
+                bad_step = min(bad_step, losses[int((~finite).nonzero()[0, 0])][0])
+        losses.clear()
+        # (step, rank) packed into one number, so that the minimum over ranks names both.
+        found = bad_step * 1_000_000 + self.strategy.global_rank if bad_step != sys.maxsize else _NOTHING_FOUND
+        stop = int(self.stop_signal)
+        if self.strategy.num_processes > 1:  # one process has nothing to agree with
+            packed = self.strategy.all_reduce(torch.tensor([found, -stop], dtype=torch.int64), "min")
+            found, stop = packed.tolist()
+            stop = -stop
+        self.stop_signal = bool(stop)
+        if found != _NOTHING_FOUND:
+            step, rank = divmod(found, 1_000_000)
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at optimizer step {step} (first seen on rank {rank}); every "
+                "rank stops here. Lower the learning rate, add warmup (warmup_epochs=...), clip gradients "
+                "(gradient_clip_val=...), or pass on_nonfinite_loss='skip' to skip such steps on all ranks."
+            )
+
+    def skip_step(self) -> bool:
+        """With on_nonfinite_loss="skip", at every step: whether any rank's loss of this step was
+        non-finite (one all-reduce, through the strategy so that it runs on the backend's device)."""
+        bad = self.first_nonfinite_step is not None or not all(math.isfinite(float(x)) for _, x in self.recent_losses)
+        self.recent_losses.clear()
+        self.first_nonfinite_step = None
+        agreed = self.strategy.all_reduce(torch.tensor([float(bad)]), "max")
+        if agreed.item() == 0:
+            return False
+        self.print(f"syncstep: non-finite loss at step {self.state.global_step} (epoch {self.state.current_epoch}) "
+                   "on some rank; skipping this optimizer step on every rank.")
+        return True
+
+    def stop_requested(self, step: int) -> bool:
+        """True on every rank once any rank got SIGTERM: at once in one process; on several, at the next
+        logging step, where ``agree`` has just exchanged the flag."""
+        if self.strategy.num_processes == 1 or step % self.log_every_n_steps == 0:
+            return self.stop_signal
+        return False
+
+    @contextlib.contextmanager
+    def catching_sigterm(self) -> Iterator[None]:
+        """While fit runs: SIGTERM (preemption, SLURM's warning) sets a flag instead of killing the process."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.stop_signal = False
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_signal = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,264 @@
+"""The fit loop: the epochs, the optimizer steps inside them, and when to log, validate, checkpoint and
+stop. One optimizer step, top to bottom, is ``FitLoop.train_epoch``:
+
+    for each micro-batch of the step (gradient accumulation):
+        sync gradients only on the last micro-batch         (strategy.sync_gradients)
+        loss = strategy.training_step(batches, ...)          (forward on each replica, weighted losses)
+        backward (through the grad scaler for fp16)
+        watch the loss for NaN / inf                         (guards.py)
+    step()                                                   (step.py: clip, LR x multiplier, schedulers)
+    log / validate / checkpoint / stop, each when it is due
+
+What is set up once per fit (the plan, the optimizer step, the guards, the checkpointer, the loggers)
+is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from syncstep import checkpoint as ckpt
+from syncstep.data import TrainData
+from syncstep.evaluation import evaluate
+from syncstep.guards import Guards
+from syncstep.loggers import make_loggers
+from syncstep.module import Module
+from syncstep.optim import SchedulerConfig, parse_optimizers
+from syncstep.plan import BatchPlan, LRPlan, optimizer_names, plan_batch, plan_lr, resolve_warmup, summary
+from syncstep.precision import autocast, grad_scaler
+from syncstep.progress import ProgressBar
+from syncstep.resume import Checkpointer
+from syncstep.step import OptimizerStep
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Optimizers, the data layout and the batch / LR arithmetic, derived once, before any step."""
+
+    optimizers: list
+    scheduler_configs: list[SchedulerConfig]
+    train: TrainData
+    batch: BatchPlan
+    lr: LRPlan
+    lr_names: list[str]
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_object: Any) -> FitPlan:
+    """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
+    optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
+    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
+    batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
+                       config.global_batch_size, config.reference_batch_size)
+    train.set_layout(batch)
+    steps_per_epoch = train.steps_per_epoch(0)
+    total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
+    total = min(total, config.max_steps) if config.max_steps >= 0 else total
+    warmup = resolve_warmup(warmup_steps=config.warmup_steps, warmup_epochs=config.warmup_epochs,
+                            interval=config.warmup_interval, kind=config.warmup_type,
+                            start_factor=config.warmup_start_factor, steps_per_epoch=steps_per_epoch,
+                            total_steps=total, batch=batch)
+    lr = plan_lr(optimizers, config.lr_scaling, batch, warmup)
+    return FitPlan(optimizers, scheduler_configs, train, batch, lr, optimizer_names(optimizers), steps_per_epoch,
+                   total)
+
+
+def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
+    return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
+                   num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
+                   total_steps=plan.total_steps, requested_rule=config.lr_scaling)
+
+
+def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
+    """The run's settings, as the loggers' hyperparameters and a checkpoint's "world" section."""
+    b, lr = plan.batch, plan.lr
+    return {
+        "strategy": strategy.name, "accelerator": strategy.root_device.type, "world_size": b.world_size,
+        "num_nodes": config.num_nodes, "per_device_batch_size": b.per_device_batch_size,
+        "accumulate_grad_batches": b.accumulate_grad_batches, "global_batch_size": b.global_batch_size,
+        "reference_batch_size": b.reference_batch_size, "lr_scaling": config.lr_scaling,
+        "lr_factors": [o.factor for o in lr.optimizers], "precision": config.precision,
+        "warmup_steps": lr.warmup.length, "warmup_interval": lr.warmup.interval,
+    }
+
+
+class FitLoop:
+    def __init__(self, trainer: Any, model: Module, train_loader: Any, val_loader: Any) -> None:
+        config, strategy, state = trainer.config, trainer.strategy, trainer.state
+        self.trainer, self.model, self.config, self.strategy, self.state = trainer, model, config, strategy, state
+        self.metrics = trainer.metrics
+        plan = trainer._set_plan(plan_fit(config, strategy, model, train_loader, strategy.broadcast_object))
+        self.plan, self.train = plan, plan.train
+        self.train.set_replicas(strategy.replicas, strategy.gradient_averaging)
+        self.guards = Guards(strategy, state, on_nonfinite_loss=config.on_nonfinite_loss,
+                             log_every_n_steps=config.log_every_n_steps, print_fn=trainer.print)
+        self.stepper = OptimizerStep(
+            optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
+            lr_names=plan.lr_names, scaler=grad_scaler(config.precision, strategy.root_device),
+            gradient_clip_val=config.gradient_clip_val, gradient_clip_algorithm=config.gradient_clip_algorithm,
+            guards=self.guards, state=state, metric_values=self.metrics.values)
+        self.hyperparams = hyperparameters(config, strategy, plan)
+        self.checkpointer = Checkpointer(trainer=trainer, model=model, stepper=self.stepper, train_data=self.train,
+                                         hyperparams=self.hyperparams)
+        self.val_loader = val_loader
+        if val_loader is not None and type(model).validation_step is Module.validation_step:
+            trainer.print("syncstep: validation data was given but the model defines no validation_step; skipping it.")
+            self.val_loader = None
+        self.bar = ProgressBar(False)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, ckpt_path: str | None) -> None:
+        config, state, trainer = self.config, self.state, self.trainer
+        start_epoch, start_sample = 0, 0
+        if ckpt_path is not None:
+            start_epoch, start_sample = self.checkpointer.restore(ckpt_path)
+        elif config.enable_checkpointing and ckpt.step_checkpoints(config.checkpoint_dir):
+            trainer.print(f"syncstep: note: {config.checkpoint_dir} holds checkpoints of an earlier run; this run's "
+                          f"replace them (keep_last={config.keep_last}). To continue that run, pass ckpt_path='last'.")
+        if config.max_epochs_defaulted:
+            trainer.print("syncstep: neither max_epochs nor max_steps was set; training for max_epochs=1000.")
+        trainer.print(plan_summary(config, self.strategy, self.plan))
+        trainer.log_dir, self.metrics.loggers = make_loggers(config.logger, config.default_root_dir,
+                                                             trainer.is_global_zero)
+        for logger in self.metrics.loggers:
+            if hasattr(logger, "log_hyperparams"):
+                logger.log_hyperparams(self.hyperparams)
+        self.bar = ProgressBar(config.enable_progress_bar and trainer.is_global_zero)
+        state.should_stop = False
+        try:
+            with self.guards.catching_sigterm():
+                for opt in self.plan.optimizers:
+                    opt.zero_grad(set_to_none=True)
+                self.model.on_fit_start()
+                for epoch in range(start_epoch, config.max_epochs if config.max_epochs is not None else sys.maxsize):
+                    if state.should_stop or self.steps_exhausted():
+                        break
+                    state.current_epoch = epoch
+                    completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
+                    self.end_epoch(epoch, completed)
+                    if state.preempted:
+                        return
+                self.model.on_fit_end()
+            self.metrics.flush()
+        finally:
+            self.bar.close()
+
+    def steps_exhausted(self) -> bool:
+        return 0 <= self.config.max_steps <= self.state.global_step
+
+    def val_every(self, steps: int) -> int:
+        """Optimizer steps between validations inside an epoch (0: only at the epoch's end)."""
+        interval = self.config.val_check_interval
+        if self.val_loader is None or interval is None:
+            return 0
+        if isinstance(interval, float):
+            return max(1, int(steps * interval)) if interval < 1 else 0
+        return interval
+
+    # -- one epoch: the step loop ----------------------------------------------------------------
+    def train_epoch(self, epoch: int, start_sample: int) -> bool:
+        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, SIGTERM)."""
+        state, logs, bar, guards = self.state, self.metrics.store, self.bar, self.guards
+        steps = self.train.steps_per_epoch(start_sample)
+        val_every = self.val_every(steps)
+        self.model.train()
+        self.model.on_train_epoch_start()
+        bar.start(f"Epoch {epoch}", steps)
+        state.epoch_sample = start_sample
+        logs.context.stage = "train"
+        # Everything that does not change within the epoch is looked up once, here: on a tiny model
+        # every attribute lookup and call left in the loop below shows in the step time.
+        forward, clear_step_values = self.strategy.training_step, logs.step_entries.clear
+        autocast_, scaler = autocast(self.config.precision, self.strategy.root_device), self.stepper.scaler
+        # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
+        sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
+        watch, step = guards.watcher(), self.stepper.for_epoch(epoch)
+        log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
+            self.config.max_steps
+        bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
+        batch_idx, completed = 0, True
+        plan, batches = self.train.start_epoch(epoch, start_sample)
+        for step_in_epoch, (step_samples, micro_batches) in enumerate(plan):
+            clear_step_values()
+            for counts, weights, is_last in micro_batches:  # one per accumulation step
+                if sync_gradients is not None:
+                    sync_gradients(is_last)
+                if autocast_ is None:
+                    loss = forward(batches, counts, weights, batch_idx)
+                else:
+                    with autocast_:
+                        loss = forward(batches, counts, weights, batch_idx)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                watch(loss)
+                batch_idx += 1
+            step()
+            state.epoch_sample += step_samples
+            bar_steps += 1
+            if bar_steps == bar_every:
+                bar_every, bar_steps = bar.advance(bar_steps), 0
+            global_step = state.global_step
+            if global_step % log_every == 0:
+                self.log_step(epoch)
+            if val_every and (step_in_epoch + 1) % val_every == 0 and step_in_epoch + 1 < steps:
+                self.validate(epoch)
+                logs.context.stage = "train"
+            if ckpt_every and global_step % ckpt_every == 0:
+                self.checkpointer.save(guards, epoch_finished=False)
+            stop = (guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
+            if stop and step_in_epoch + 1 < steps:
+                completed = False
+                break
+        bar.advance(bar_steps)
+        return completed
+
+    # -- what runs when it is due ----------------------------------------------------------------
+    def log_step(self, epoch: int) -> None:
+        self.guards.agree()
+        values = self.metrics.step_values(self.strategy)
+        values.update(self.stepper.lr_values())
+        self.metrics.update(values)
+        if self.trainer.is_global_zero:
+            self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
+            self.bar.show({k: v for k, v in values.items() if k in self.metrics.store.prog_bar})
+
+    def validate(self, epoch: int) -> None:
+        values = evaluate(self.trainer, self.val_loader, "validate")
+        if self.trainer.is_global_zero:
+            self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
+        self.model.train()
+
+    def end_epoch(self, epoch: int, completed: bool) -> None:
+        """Epoch metrics, validation, epoch schedulers, checkpoint, and the stop on SIGTERM.
+
+        An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
+        epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
+        resumed run steps them exactly once, as an uninterrupted run does.
+        """
+        guards, metrics, config = self.guards, self.metrics, self.config
+        guards.agree()
+        metrics.update(metrics.step_values(self.strategy))
+        epoch_values = metrics.epoch_values(self.strategy)
+        metrics.update(epoch_values)
+        if completed:
+            self.model.on_train_epoch_end()
+        if self.trainer.is_global_zero and epoch_values:
+            metrics.send({"epoch": epoch, **epoch_values}, self.state.global_step)
+        preempted = guards.stop_signal
+        due = config.check_val_every_n_epoch and (epoch + 1) % config.check_val_every_n_epoch == 0
+        if self.val_loader is not None and not preempted and ((completed and due) or self.steps_exhausted()):
+            self.validate(epoch)
+        self.bar.show({k: v for k, v in metrics.values.items() if k in metrics.store.prog_bar})
+        self.bar.close()
+        if completed:
+            self.stepper.end_epoch(epoch)
+        due = config.ckpt_every_n_epochs and (epoch + 1) % config.ckpt_every_n_epochs == 0
+        if config.enable_checkpointing and (preempted or (completed and due) or self.steps_exhausted()):
+            self.checkpointer.save(guards, epoch_finished=completed)
+        metrics.flush()
+        if preempted:
+            self.state.preempted = True
+            self.trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
+                               f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")

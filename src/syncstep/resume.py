@@ -1,0 +1,127 @@
+"""Run state in and out of checkpoints: what is saved, when a save runs, finding one, and resuming.
+
+``checkpoint.py`` keeps the file format (atomic writes, safe loads); this module decides what a
+checkpoint of a fit holds and puts it back. A checkpoint is written on rank 0 after every rank has
+agreed on the guards (a NaN found since the last agreement stops the run before it is saved) and
+gathered its RNG state; the other ranks wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from syncstep import checkpoint as ckpt
+from syncstep.rng import rng_state, set_rng_state
+
+
+def find_checkpoint(directory: str, ckpt_path: str, print_fn: Callable[..., None]) -> tuple[str | None, dict | None]:
+    """(path, state) for ``ckpt_path``: a file, or "last" for the newest readable one in ``directory``."""
+    if ckpt_path != "last":
+        return ckpt_path, ckpt.load(ckpt_path)
+    path, state, problems = ckpt.newest_valid(directory)
+    for problem in problems:
+        print_fn(f"syncstep: skipping a checkpoint: {problem}")
+    if state is None and problems:
+        raise ckpt.CheckpointError(
+            f"ckpt_path='last': no readable checkpoint in {directory}, although some exist "
+            "(see above). Refusing to start from step 0 silently; delete them to start afresh."
+        )
+    if state is None:
+        print_fn(f"syncstep: ckpt_path='last' found no checkpoint in {directory}; starting from scratch.")
+    elif problems:
+        print_fn(f"syncstep: resuming from {path} instead (the newest readable checkpoint).")
+    return path, state
+
+
+def restart_checkpoint(ckpt_path: str | None, enable_checkpointing: bool, print_fn: Callable[..., None]) -> str | None:
+    """Under ``torchrun --max-restarts``, a restarted job carries on from its last checkpoint."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if ckpt_path is None and restarts > 0 and enable_checkpointing:
+        print_fn(f"syncstep: torchrun restart {restarts}: resuming from the last checkpoint.")
+        return "last"
+    return ckpt_path
+
+
+class Checkpointer:
+    """Saves and restores one fit: the model, the optimizer step's state, the run state, data and RNG."""
+
+    def __init__(self, *, trainer: Any, model: Any, stepper: Any, train_data: Any, hyperparams: dict) -> None:
+        self.trainer, self.model, self.stepper, self.train_data = trainer, model, stepper, train_data
+        self.config, self.strategy, self.state = trainer.config, trainer.strategy, trainer.state
+        self.hyperparams = hyperparams
+        self.directory = self.config.checkpoint_dir
+
+    def save(self, guards: Any, epoch_finished: bool) -> None:
+        """Write ``epoch=E-step=S.ckpt`` and point ``last.ckpt`` at it (every rank calls this)."""
+        if not self.config.enable_checkpointing:
+            return
+        guards.agree()
+        state = self._state(epoch_finished)
+        if self.strategy.global_rank == 0:
+            name = f"epoch={self.state.current_epoch}-step={self.state.global_step}.ckpt"
+            path = os.path.join(self.directory, name)
+            ckpt.remove_stale_temporaries(self.directory)
+            ckpt.atomic_save(state, path)
+            ckpt.atomic_link(path, os.path.join(self.directory, ckpt.LAST))
+            for old in ckpt.step_checkpoints(self.directory)[self.config.keep_last:]:
+                os.remove(old)
+        self.strategy.barrier()
+
+    def _state(self, epoch_finished: bool) -> dict[str, Any]:
+        from syncstep import __version__
+
+        rng = self.strategy.all_gather_object(rng_state())
+        step_state = self.stepper.state_dict()
+        for i, state in enumerate(step_state["lr_schedulers"]):
+            scheduler = self.stepper.scheduler_configs[i].scheduler
+            ckpt.check_plain(state, f"lr scheduler {i} ({type(scheduler).__name__})")
+        return {
+            "syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
+            "state_dict": ckpt.strip_prefixes(self.model.state_dict()),
+            **step_state,
+            "loop": self.state.state_dict(epoch_finished),
+            "world": {"strategy": self.strategy.name, "num_processes": self.strategy.num_processes,
+                      "world_size": self.strategy.world_size, **self.hyperparams},
+            "shuffle_seed": self.train_data.shuffle_seed,
+            "rng": rng,
+        }
+
+    def restore(self, ckpt_path: str) -> tuple[int, int]:
+        """Load ``ckpt_path`` ("last" or a file) into the run; returns (epoch, samples into it) to start at."""
+        path, state = find_checkpoint(self.directory, ckpt_path, self.trainer.print)
+        if state is None:
+            return 0, 0
+        self.model.load_state_dict(state["state_dict"])
+        optimizers = self.stepper.optimizers
+        if len(state["optimizer_states"]) != len(optimizers):
+            raise ckpt.CheckpointError(
+                f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
+                f"returned {len(optimizers)}."
+            )
+        for opt, opt_state in zip(optimizers, state["optimizer_states"]):
+            opt.load_state_dict(opt_state)
+        for config, sched_state in zip(self.stepper.scheduler_configs, state["lr_schedulers"]):
+            config.scheduler.load_state_dict(sched_state)
+        if self.stepper.scaler is not None and state.get("grad_scaler"):
+            self.stepper.scaler.load_state_dict(state["grad_scaler"])
+        loop, world = state["loop"], state["world"]
+        self.state.load_state_dict(loop)
+        self.train_data.shuffle_seed = state["shuffle_seed"]
+        rng, rank = state["rng"], self.strategy.global_rank
+        same_world = world["num_processes"] == self.strategy.num_processes
+        set_rng_state(rng[rank] if same_world and rank < len(rng) else rng[0])
+        self.trainer.print(f"syncstep: resumed from {path}: epoch {loop['epoch']}, step {loop['global_step']}, "
+                           f"{loop['epoch_sample']} samples into the epoch.")
+        batch, lr = self.trainer.batch_plan, self.trainer.lr_plan
+        if world["global_batch_size"] != batch.global_batch_size or world["world_size"] != batch.world_size:
+            old = ", ".join(f"{x:.6g}" for x in world.get("lr_factors", []))
+            new = ", ".join(f"{o.factor:.6g}" for o in lr.optimizers)
+            self.trainer.print(
+                f"syncstep: the world changed since the checkpoint: world size {world['world_size']} -> "
+                f"{batch.world_size}, global batch {world['global_batch_size']} -> {batch.global_batch_size} "
+                f"(accumulation {world['accumulate_grad_batches']} -> {batch.accumulate_grad_batches}); "
+                f"LR factor {old} -> {new}."
+            )
+        return loop["epoch"], loop["epoch_sample"]
