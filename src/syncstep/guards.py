@@ -1,23 +1,23 @@
 """Non-finite losses and SIGTERM: watched on each rank, agreed by every rank, in one place.
 
-Each rank watches its own losses as they come (``watcher``). The ranks agree at *agreement points*:
-every logging step, every epoch's end and before every checkpoint (``agree``, one all-reduce of two
-numbers: the first non-finite step with the rank that saw it, and whether any rank got SIGTERM). So
-every rank raises :class:`NonFiniteLossError` at the same point, naming the same step and rank, and
-every rank stops for a SIGTERM at the same step. With ``on_nonfinite_loss="skip"`` the ranks agree on
-every step instead (``skip_step``), and skip such steps together.
+Each rank keeps the loss of every micro-batch (``losses``, appended to by the loop). The ranks agree
+at *agreement points*: every logging step, every epoch's end and before every checkpoint (``agree``:
+the kept losses are read in one go, then one all-reduce of two numbers, the first non-finite step with
+the rank that saw it, and whether any rank got SIGTERM). So every rank raises
+:class:`NonFiniteLossError` at the same point, naming the same step and rank, and every rank stops for a
+SIGTERM at the same step. With ``on_nonfinite_loss="skip"`` the ranks agree on every step instead
+(``skip_step``), and skip such steps together.
 
-How a loss is watched depends on where it lives: on the CPU it is read as it comes (``loss.item()``
-waits for nothing there); on a GPU reading it would wait for the GPU, so the losses are kept and read
-together, in one sync, at the next agreement point.
+Reading the losses together costs one device sync per agreement, not one per step, on a GPU; on the
+CPU it costs the loop a list append per micro-batch. The losses are kept as they are, not detached:
+after ``backward()`` their graph has released its buffers, so keeping them holds only the graph's
+small node objects until the next agreement.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -54,44 +54,29 @@ class Guards:
         self.strategy, self.state, self.print = strategy, state, print_fn
         self.skip = on_nonfinite_loss == "skip"
         self.log_every_n_steps = log_every_n_steps
-        self.first_nonfinite_step: int | None = None  # on the CPU: found as each loss comes
-        self.recent_losses: list[tuple[int, torch.Tensor]] = []  # on a GPU: read at the next agreement
+        # (global step, loss) of every micro-batch since the last agreement
+        self.losses: list[tuple[int, torch.Tensor]] = []
         self.stop_signal = False  # SIGTERM on this rank; after ``agree``, on any rank
 
-    def watcher(self) -> Callable[[torch.Tensor], None]:
-        """The function the loop calls with every micro-batch's loss."""
-        state, isfinite = self.state, math.isfinite
-        if self.strategy.root_device.type == "cpu":
-            def watch_on_cpu(loss: torch.Tensor) -> None:
-                if not isfinite(loss.item()) and self.first_nonfinite_step is None:
-                    self.first_nonfinite_step = state.global_step
-
-            return watch_on_cpu
-        recent = self.recent_losses
-
-        def watch_on_gpu(loss: torch.Tensor) -> None:
-            recent.append((state.global_step, loss.detach()))
-
-        return watch_on_gpu
+    def _first_nonfinite_step(self) -> int | None:
+        """The first step whose kept loss is NaN or infinite (one device sync), and forget the losses."""
+        losses = self.losses
+        if not losses:
+            return None
+        try:  # (the stack joins the losses' graphs; it is dropped at once and never differentiated)
+            finite = torch.stack([x for _, x in losses]).isfinite().reshape(-1)
+        except RuntimeError:  # losses of different shapes ((), (1,)) or devices
+            finite = torch.stack([x.float().reshape(()).cpu() for _, x in losses]).isfinite()
+        found = None if bool(finite.all()) else losses[int((~finite).nonzero()[0, 0])][0]
+        losses.clear()
+        return found
 
     def agree(self) -> None:
         """On every rank: raise NonFiniteLossError if any rank's loss was NaN or infinite since the last
         agreement (the first such step, and the rank), and learn whether any rank got SIGTERM."""
-        bad_step = sys.maxsize
-        if self.first_nonfinite_step is not None:
-            bad_step, self.first_nonfinite_step = self.first_nonfinite_step, None
-        losses = self.recent_losses
-        if losses and not self.skip:  # ("skip" reads them at every step)
-            values = [x for _, x in losses]
-            try:
-                finite = torch.stack(values).isfinite().reshape(-1)
-            except RuntimeError:  # losses of different shapes ((), (1,)) or devices
-                finite = torch.stack([x.float().reshape(()).cpu() for x in values]).isfinite()
-            if not bool(finite.all()):
-                bad_step = min(bad_step, losses[int((~finite).nonzero()[0, 0])][0])
-        losses.clear()
+        bad_step = self._first_nonfinite_step()
         # (step, rank) packed into one number, so that the minimum over ranks names both.
-        found = bad_step * 1_000_000 + self.strategy.global_rank if bad_step != sys.maxsize else _NOTHING_FOUND
+        found = _NOTHING_FOUND if bad_step is None else bad_step * 1_000_000 + self.strategy.global_rank
         stop = int(self.stop_signal)
         if self.strategy.num_processes > 1:  # one process has nothing to agree with
             packed = self.strategy.all_reduce(torch.tensor([found, -stop], dtype=torch.int64), "min")
@@ -109,9 +94,7 @@ class Guards:
     def skip_step(self) -> bool:
         """With on_nonfinite_loss="skip", at every step: whether any rank's loss of this step was
         non-finite (one all-reduce, through the strategy so that it runs on the backend's device)."""
-        bad = self.first_nonfinite_step is not None or not all(math.isfinite(float(x)) for _, x in self.recent_losses)
-        self.recent_losses.clear()
-        self.first_nonfinite_step = None
+        bad = self._first_nonfinite_step() is not None
         agreed = self.strategy.all_reduce(torch.tensor([float(bad)]), "max")
         if agreed.item() == 0:
             return False

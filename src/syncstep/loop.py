@@ -5,7 +5,7 @@ stop. One optimizer step, top to bottom, is ``FitLoop.train_epoch``:
         sync gradients only on the last micro-batch         (strategy.sync_gradients)
         loss = strategy.training_step(batches, ...)          (forward on each replica, weighted losses)
         backward (through the grad scaler for fp16)
-        watch the loss for NaN / inf                         (guards.py)
+        keep the loss for the NaN / inf check               (guards.py, at the next agreement)
     step()                                                   (step.py: clip, LR x multiplier, schedulers)
     log / validate / checkpoint / stop, each when it is due
 
@@ -175,7 +175,7 @@ class FitLoop:
         autocast_, scaler = autocast(self.config.precision, self.strategy.root_device), self.stepper.scaler
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
-        watch, step = guards.watcher(), self.stepper.for_epoch(epoch)
+        losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
         bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
@@ -192,7 +192,7 @@ class FitLoop:
                     with autocast_:
                         loss = forward(batches, counts, weights, batch_idx)
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                watch(loss)
+                losses.append((state.global_step, loss))
                 batch_idx += 1
             step()
             state.epoch_sample += step_samples
