@@ -359,3 +359,16 @@ def test_a_lightning_hook_syncstep_does_not_call_is_a_warning():
     with pytest.warns(UserWarning, match="optimizer_step is a Lightning hook that syncstep does not call"):
         syncstep.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False).fit(Custom(), loader(dataset(8), 4))
+
+
+def test_loggers_keep_their_directory_from_fit_to_test(tmp_path):
+    """One version directory per Trainer, as Lightning's: test() after fit() logs into it too."""
+    trainer = syncstep.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=str(tmp_path),
+                               enable_progress_bar=False, log_every_n_steps=1)
+    trainer.fit(Tiny(), loader(dataset(8), 4))
+    trainer.test(dataloaders=loader(dataset(6, seed=1), 3))
+    version = tmp_path / "syncstep_logs" / "version_0"
+    assert trainer.log_dir == str(version) and not (tmp_path / "syncstep_logs" / "version_1").exists()
+    rows = read_csv(version / "metrics.csv")
+    assert any("val_acc" in r for r in rows)  # Tiny's test_step logs val_acc
+    assert len(list(version.glob("events.out.tfevents.*"))) == 2  # one event file per stage

@@ -84,6 +84,8 @@ class TensorBoardLogger(VersionedDirectory):
     flush = save
 
     def finalize(self, status: str = "success") -> None:
+        """Write and close the event file; a later stage (test after fit) opens a new one in the same directory."""
         self._write()
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
