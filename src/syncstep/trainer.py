@@ -397,8 +397,8 @@ class Trainer:
             results = []
             for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
                 values = evaluate(self, loader, stage)
-                if self.is_global_zero and values:
-                    self.metrics.send(values, self.global_step)
+                if self.is_global_zero and values:  # (to the loggers too, as Lightning's)
+                    self.metrics.send({"epoch": self.current_epoch, **values}, self.global_step)
                 results.append(values)
             return results
 
