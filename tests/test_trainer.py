@@ -116,7 +116,7 @@ def test_tensorboard_events_are_written_in_batches_and_at_flush(tmp_path):
         accumulator.Reload()
         return [e.step for e in accumulator.Scalars("loss")] if "loss" in accumulator.Tags()["scalars"] else []
 
-    logger = TensorBoardLogger(str(tmp_path), write_every=3, write_secs=3600)
+    logger = TensorBoardLogger(str(tmp_path), name="", version="", write_every=3, write_secs=3600)  # in tmp_path
     for step in (1, 2):
         logger.log_metrics({"epoch": 0, "loss": step / 10}, step)
     assert steps_on_disk() == []

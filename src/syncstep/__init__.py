@@ -2,9 +2,14 @@
 
 __version__ = "0.1.0"
 
+from syncstep.callbacks import Callback
+from syncstep.datamodule import DataModule, LightningDataModule
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.module import Module
 from syncstep.rng import seed_everything
 from syncstep.trainer import Trainer
 
-__all__ = ["Module", "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]
+LightningModule = Module  # Lightning's name, so that `import syncstep as L` code reads unchanged
+
+__all__ = ["Callback", "DataModule", "LightningDataModule", "LightningModule", "Module", "NonFiniteLossError",
+           "Preempted", "Trainer", "__version__", "seed_everything"]

@@ -26,6 +26,17 @@ ALIASES = {
     "root_dir": "default_root_dir",
 }
 
+# Lightning Trainer arguments syncstep does not have, each with what to do instead.
+LIGHTNING_UNSUPPORTED = {
+    "profiler": "profile with torch.profiler around trainer.fit(), or py-spy",
+    "plugins": "precision and environments are Trainer arguments here (precision=, num_nodes=)",
+    "barebones": "syncstep's loop has no optional overhead to switch off; see docs/benchmarks.md",
+    "overfit_batches": "use limit_train_batches=N with a DataLoader of the same N batches (shuffle=False)",
+    "reload_dataloaders_every_n_epochs": "rebuild the DataLoader and call fit again (ckpt_path='last')",
+    "max_time": "use max_steps / max_epochs, or set trainer.should_stop = True in a callback that checks the time",
+    "model_registry": "save checkpoints with ModelCheckpoint and load them with Module.load_from_checkpoint",
+    "val_check_batch": "use val_check_interval",
+}
 NONFINITE_POLICIES = ("error", "skip")
 DEFAULT_MAX_EPOCHS = 1000  # Lightning's, when neither max_epochs nor max_steps is given
 
@@ -98,6 +109,36 @@ class TrainerConfig:
     """False: use the DataLoader as it is (you shard the data yourself)."""
     timeout: float | timedelta = 300.0
     """Collective timeout in seconds (or a timedelta); normalised to a timedelta."""
+    callbacks: Any = None
+    """A ``syncstep.Callback`` or a list of them (Lightning's callbacks: ModelCheckpoint, EarlyStopping, ...)."""
+    min_epochs: int | None = None
+    """Train at least this many epochs, even if a callback asks to stop earlier."""
+    min_steps: int | None = None
+    """Train at least this many optimizer steps, even if a callback asks to stop earlier."""
+    limit_train_batches: int | float | None = None
+    """Batches per replica per epoch: an int, or a fraction of the epoch (float); None: all."""
+    limit_val_batches: int | float | None = None
+    """Validation batches per replica (int) or fraction (float); 0 turns validation off."""
+    limit_test_batches: int | float | None = None
+    """Test batches per replica (int) or fraction (float)."""
+    limit_predict_batches: int | float | None = None
+    """Prediction batches per replica (int) or fraction (float)."""
+    num_sanity_val_steps: int = 0
+    """Validation batches run before training to catch bugs early (Lightning's default is 2; -1: all)."""
+    fast_dev_run: bool | int = False
+    """True or N: run N (1) batches of training and validation, no loggers, no checkpoints, and stop."""
+    enable_model_summary: bool = True
+    """Print the model's layers and parameter counts at the start of fit (rank 0)."""
+    deterministic: bool | str | None = None
+    """True: torch.use_deterministic_algorithms(True); "warn": only warn about non-deterministic ops."""
+    benchmark: bool | None = None
+    """torch.backends.cudnn.benchmark (None: leave it as it is)."""
+    inference_mode: bool = True
+    """Evaluate and predict under torch.inference_mode (False: torch.no_grad)."""
+    sync_batchnorm: bool = False
+    """Turn BatchNorm layers into SyncBatchNorm when there are several processes (GPUs)."""
+    detect_anomaly: bool = False
+    """torch.autograd's anomaly detection during fit (slow; for debugging NaNs)."""
 
     max_epochs_defaulted: bool = dataclasses.field(default=False, init=False)
     """Whether ``max_epochs`` is the default 1000 because neither limit was given."""
@@ -150,6 +191,44 @@ class TrainerConfig:
                 raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}.")
             set_(self, "timeout", timedelta(seconds=timeout))
         set_(self, "default_root_dir", os.path.abspath(self.default_root_dir or os.getcwd()))
+        for name in ("min_epochs", "min_steps"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+            value = getattr(self, name)
+            if value is not None and not ((_is_int(value) and value >= 0)
+                                          or (isinstance(value, float) and 0.0 <= value <= 1.0)):
+                raise ValueError(f"{name} must be an int >= 0 (batches) or a float in [0, 1] (a fraction), got "
+                                 f"{value!r}.")
+        if not _is_int(self.num_sanity_val_steps) or self.num_sanity_val_steps < -1:
+            raise ValueError(f"num_sanity_val_steps must be an int >= -1, got {self.num_sanity_val_steps!r}.")
+        if self.deterministic not in (None, True, False, "warn"):
+            raise ValueError(f"deterministic must be True, False, None or 'warn', got {self.deterministic!r}.")
+        dev = self.fast_dev_run
+        if not isinstance(dev, bool) and (not _is_int(dev) or dev < 0):
+            raise ValueError(f"fast_dev_run must be a bool or an int >= 0, got {dev!r}.")
+        if dev:
+            n = 1 if dev is True else dev
+            for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+                set_(self, name, n)
+            set_(self, "max_steps", n)
+            set_(self, "max_epochs", 1)
+            set_(self, "max_epochs_defaulted", False)
+            set_(self, "num_sanity_val_steps", 0)
+            set_(self, "val_check_interval", None)
+            set_(self, "logger", False)
+            set_(self, "enable_checkpointing", False)
+        callbacks = self.callbacks
+        if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+            callbacks = [callbacks]
+        from syncstep.callbacks.base import Callback
+
+        for callback in callbacks or ():
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks=[...] takes syncstep.Callback objects, got {type(callback).__name__}. "
+                                "Subclass syncstep.Callback (Lightning's hook names and arguments).")
+        set_(self, "callbacks", list(callbacks or ()))
 
     @property
     def checkpoint_dir(self) -> str:
@@ -162,13 +241,18 @@ def argument_names() -> list[str]:
 
 
 def unknown_arguments(unknown: dict) -> TypeError:
-    """One error for every unknown argument, each with the name the user probably meant."""
+    """One error for every unknown argument, each with the name the user probably meant (or, for a
+    Lightning argument syncstep lacks, that it is one and what to do instead)."""
     valid = argument_names()
     hints = []
     for name in unknown:
-        guess = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.6)), None)
+        if name in LIGHTNING_UNSUPPORTED:
+            hints.append(f"{name!r} is a Lightning argument syncstep does not support; {LIGHTNING_UNSUPPORTED[name]}")
+            continue
+        guess = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.75)), None)
         hints.append(f"unknown argument {name!r}" + (f"; did you mean {guess!r}?" if guess else ""))
-    return TypeError("Trainer(): " + "; ".join(hints) + f" Valid arguments: {', '.join(valid)}.")
+    text = "; ".join(hints)
+    return TypeError(f"Trainer(): {text}{'' if text.endswith('?') else '.'} Valid arguments: {', '.join(valid)}.")
 
 
 def _is_int(value: Any) -> bool:

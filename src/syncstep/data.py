@@ -18,6 +18,7 @@ exactly once; the stock DistributedSampler pads with duplicates instead.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,11 @@ def rebuild_loader(loader: DataLoader, batch_sampler: Sampler[list[int]], seed: 
         for name in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
             settings.pop(name, None)
     settings["generator"] = torch.Generator().manual_seed(seed)
+    if settings.get("num_workers") and settings.get("worker_init_fn") is None \
+            and os.environ.get("PL_SEED_WORKERS") == "1":
+        from syncstep.rng import seed_worker
+
+        settings["worker_init_fn"] = seed_worker
     return DataLoader(loader.dataset, batch_sampler=batch_sampler, **settings)
 
 
@@ -242,9 +248,12 @@ class TrainData:
         self.replicas: list[int] = []
         self.built: Any = None
 
-    def set_layout(self, batch: BatchPlan) -> None:
+    def set_layout(self, batch: BatchPlan, limit: int | float | None = None) -> None:
+        """Cut epochs into steps for ``batch``; ``limit`` (limit_train_batches) trains each epoch on the
+        leading samples of its permutation only."""
         drop_last = self.info.drop_last if self.info else False
-        self.layout = StepLayout(self.num_samples, batch.per_device_batch_size, batch.world_size,
+        samples = limit_samples(self.num_samples, batch.per_device_batch_size, batch.world_size, limit)
+        self.layout = StepLayout(samples, batch.per_device_batch_size, batch.world_size,
                                  batch.accumulate_grad_batches, drop_last)
 
     def set_replicas(self, replicas: list[int], gradient_averaging: int) -> None:
@@ -309,31 +318,53 @@ class TrainData:
         return plan
 
 
-class EvalData:
-    """Exact evaluation batches: per step, (sample count, batch) for each replica this process feeds."""
+def limit_samples(num_samples: int, batch_size: int, world_size: int, limit: int | float | None) -> int:
+    """How many leading samples a ``limit_*_batches`` leaves: N batches per replica (int), or that fraction
+    of each replica's batches (float), as Lightning counts them; None: all."""
+    if limit is None:
+        return num_samples
+    per_step = batch_size * world_size
+    batches = limit if isinstance(limit, int) else int(math.ceil(num_samples / per_step) * limit)
+    return min(num_samples, batches * per_step)
 
-    def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool) -> None:
+
+class EvalData:
+    """Exact evaluation batches: per step, (sample count, batch) for each replica this process feeds.
+
+    ``limit`` (``limit_val_batches`` and the like) keeps the leading samples of the dataset, so that
+    each replica evaluates at most that many batches and the samples are still counted once.
+    """
+
+    def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool, limit: int | float | None = None) -> None:
         self.replicas = strategy.replicas
         if not distributed_sampler:
             self.loader, self.samplers = loader, None
-            self.num_steps = len(loader)
+            self.num_steps = limit_samples(len(loader), 1, 1, limit)  # batches of the loader as it is
             return
         info = inspect_loader(loader, "evaluation dataloader")
         if info.custom_sampler is not None:
             raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
-        self.samplers = [EvalBatchSampler(len(info.dataset), info.batch_size, strategy.world_size, r)
-                         for r in self.replicas]
+        n = limit_samples(len(info.dataset), info.batch_size, strategy.world_size, limit)
+        self.samplers = [EvalBatchSampler(n, info.batch_size, strategy.world_size, r) for r in self.replicas]
         self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
         self.num_steps = max(len(s) for s in self.samplers)
+
+    def batch_indices(self, step: int) -> list[list[int] | None]:
+        """The dataset indices of each of this process's replicas' batch at ``step`` (None: not known)."""
+        if self.samplers is None:
+            return [None for _ in self.replicas]
+        return [s.indices[step * s.batch_size:(step + 1) * s.batch_size] for s in self.samplers
+                if step * s.batch_size < len(s.indices)]
 
     def __iter__(self) -> Iterator[list[tuple[int, Any]]]:
         if self.samplers is None:
             batches = iter(self.loader)
-            while True:
+            for _ in range(self.num_steps):
                 group = [b for _, b in zip(self.replicas, batches)]
                 if not group:
                     return
                 yield [(_batch_size(b), b) for b in group]
+            return
         iterators = [iter(loader) for loader in self.loaders]
         sizes = [[len(b) for b in sampler] for sampler in self.samplers]
         for i in range(self.num_steps):

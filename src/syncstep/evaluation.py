@@ -1,7 +1,10 @@
 """Evaluation (validation inside fit, ``validate()``, ``test()``): every sample counted exactly once.
 
 Each replica evaluates its own shard (``data.EvalData``: samples r, r + W, ..., no padding), under
-``torch.no_grad`` and the run's autocast; the epoch values are sample-weighted means over every rank.
+``torch.inference_mode`` (or ``no_grad``) and the run's autocast; the epoch values are sample-weighted
+means over every rank. Hooks, in Lightning's order: on_{stage}_start, on_{stage}_epoch_start, per
+batch on_{stage}_batch_start / _end (only if someone defines them), on_{stage}_epoch_end (values it
+logs are reduced too), on_{stage}_end.
 """
 
 from __future__ import annotations
@@ -15,32 +18,59 @@ from syncstep.data import EvalData
 from syncstep.precision import autocast
 from syncstep.progress import ProgressBar, format_metric
 
+_NAMES = {"validate": "validation", "test": "test"}
 
-def evaluate(trainer: Any, loader: Any, stage: str) -> dict[str, float]:
-    """Run ``validation_step`` (stage "validate") or ``test_step`` (stage "test") over ``loader``."""
-    strategy, metrics = trainer.strategy, trainer.metrics
+
+def evaluate(trainer: Any, loader: Any, stage: str, *, limit: int | float | None = None,
+             sanity: bool = False) -> dict[str, float]:
+    """Run ``validation_step`` (stage "validate") or ``test_step`` (stage "test") over ``loader``.
+
+    ``sanity``: the sanity check before fit: nothing it logs is kept.
+    """
+    strategy, metrics, hooks, config = trainer.strategy, trainer.metrics, trainer.hooks, trainer.config
     logs = metrics.store
     model = strategy.runner.module
-    data = EvalData(loader, strategy, trainer.config.use_distributed_sampler)
+    name = _NAMES[stage]
+    if limit is None:
+        limit = config.limit_val_batches if stage == "validate" else config.limit_test_batches
+    data = EvalData(loader, strategy, config.use_distributed_sampler, limit)
     was_training = model.training
     model.eval()
-    logs.context.stage = stage
     saved_step = logs.step_entries[:]  # a validation inside an epoch must not eat the step's values
-    bar = ProgressBar(trainer.config.enable_progress_bar and trainer.is_global_zero)
+    saved_values = dict(metrics.values) if sanity else None
+    hooks.call(f"on_{name}_start")
+    logs.context.stage = stage
+    hooks.call(f"on_{name}_epoch_start")
+    batch_start, batch_end = hooks.targets(f"on_{name}_batch_start"), hooks.targets(f"on_{name}_batch_end")
+    bar = ProgressBar(trainer._bar_enabled() and not sanity)
     bar.start("Validation" if stage == "validate" else "Test", data.num_steps)
+    no_grad = torch.inference_mode() if config.inference_mode else torch.no_grad()
     try:
-        with torch.no_grad(), autocast(trainer.config.precision, strategy.root_device) or contextlib.nullcontext():
+        with no_grad, autocast(config.precision, strategy.root_device) or contextlib.nullcontext():
             for batch_idx, group in enumerate(data):
-                strategy.evaluation_step(stage, [b for _, b in group], [c for c, _ in group], batch_idx)
+                batches = [b for _, b in group]
+                for hook in batch_start:
+                    hook(batches[0] if len(batches) == 1 else batches, batch_idx)
+                outputs = strategy.evaluation_step(stage, batches, [c for c, _ in group], batch_idx)
+                for hook in batch_end:
+                    hook(outputs[0] if len(outputs) == 1 else outputs, batches[0] if len(batches) == 1 else batches,
+                         batch_idx)
                 bar.update()
     finally:
         bar.close()
     values = metrics.epoch_values(strategy)
-    logs.step_entries[:] = saved_step
     metrics.update(values)
-    hook = model.on_validation_epoch_end if stage == "validate" else model.on_test_epoch_end
-    hook()
+    logs.context.stage, logs.context.count = f"{stage}_epoch_end", 1
+    hooks.call(f"on_{name}_epoch_end")
+    more = metrics.epoch_values(strategy)  # what on_{stage}_epoch_end logged
+    metrics.update(more)
+    values.update(more)
+    logs.step_entries[:] = saved_step
+    hooks.call(f"on_{name}_end")
     model.train(was_training)
+    if sanity:
+        metrics.replace(saved_values)
+        return {}
     if (stage != "validate" or trainer.state.stage != "fit") and values:
         trainer.print(f"{stage}: " + "  ".join(f"{k}={format_metric(v)}" for k, v in values.items()))
     return values

@@ -9,6 +9,11 @@ stop. One optimizer step, top to bottom, is ``FitLoop.train_epoch``:
     step()                                                   (step.py: clip, LR x multiplier, schedulers)
     log / validate / checkpoint / stop, each when it is due
 
+With batch-level hooks (a callback's or the Module's on_train_batch_start / _end, on_before_backward,
+on_after_backward) the same loop calls them around each micro-batch; with none it does not look. In
+manual optimization (``automatic_optimization = False``) the user's training_step does the backward
+and the optimizer steps (step.ManualOptimization); the loop only runs it and keeps the rest.
+
 What is set up once per fit (the plan, the optimizer step, the guards, the checkpointer, the loggers)
 is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
 """
@@ -23,14 +28,14 @@ from syncstep import checkpoint as ckpt
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
-from syncstep.loggers import make_loggers
+from syncstep.model_summary import model_summary
 from syncstep.module import Module
 from syncstep.optim import SchedulerConfig, parse_optimizers
 from syncstep.plan import BatchPlan, LRPlan, optimizer_names, plan_batch, plan_lr, resolve_warmup, summary
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
-from syncstep.step import OptimizerStep
+from syncstep.step import ManualOptimization, OptimizerStep
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
     train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
     batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
                        config.global_batch_size, config.reference_batch_size)
-    train.set_layout(batch)
+    train.set_layout(batch, config.limit_train_batches)
     steps_per_epoch = train.steps_per_epoch(0)
     total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
     total = min(total, config.max_steps) if config.max_steps >= 0 else total
@@ -89,29 +94,46 @@ class FitLoop:
     def __init__(self, trainer: Any, model: Module, train_loader: Any, val_loader: Any) -> None:
         config, strategy, state = trainer.config, trainer.strategy, trainer.state
         self.trainer, self.model, self.config, self.strategy, self.state = trainer, model, config, strategy, state
-        self.metrics = trainer.metrics
+        self.metrics, self.hooks = trainer.metrics, trainer.hooks
         plan = trainer._set_plan(plan_fit(config, strategy, model, train_loader, strategy.broadcast_object))
         self.plan, self.train = plan, plan.train
         self.train.set_replicas(strategy.replicas, strategy.gradient_averaging)
         self.guards = Guards(strategy, state, on_nonfinite_loss=config.on_nonfinite_loss,
                              log_every_n_steps=config.log_every_n_steps, print_fn=trainer.print)
+        scaler = grad_scaler(config.precision, strategy.root_device)
         self.stepper = OptimizerStep(
             optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
-            lr_names=plan.lr_names, scaler=grad_scaler(config.precision, strategy.root_device),
-            gradient_clip_val=config.gradient_clip_val, gradient_clip_algorithm=config.gradient_clip_algorithm,
-            guards=self.guards, state=state, metric_values=self.metrics.values)
+            lr_names=plan.lr_names, scaler=scaler, gradient_clip_val=config.gradient_clip_val,
+            gradient_clip_algorithm=config.gradient_clip_algorithm, guards=self.guards, state=state,
+            metric_values=self.metrics.values, hooks=self.hooks)
+        self.manual = None
+        if not model.automatic_optimization:
+            if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
+                raise ValueError(
+                    "with manual optimization (automatic_optimization = False) your training_step steps the "
+                    "optimizers, so Trainer(gradient_clip_val=...) and on_nonfinite_loss='skip' cannot apply: "
+                    "call self.clip_gradients(opt, gradient_clip_val=...) before opt.step() instead."
+                )
+            self.manual = ManualOptimization(optimizers=plan.optimizers, lr_plan=plan.lr, scaler=scaler,
+                                             strategy=strategy, guards=self.guards, hooks=self.hooks, state=state)
+        trainer._manual = self.manual
+        strategy.manual = self.manual is not None
         self.hyperparams = hyperparameters(config, strategy, plan)
         self.checkpointer = Checkpointer(trainer=trainer, model=model, stepper=self.stepper, train_data=self.train,
-                                         hyperparams=self.hyperparams)
+                                         hyperparams=self.hyperparams, manual=self.manual)
+        trainer._checkpointer = self.checkpointer
         self.val_loader = val_loader
         if val_loader is not None and type(model).validation_step is Module.validation_step:
             trainer.print("syncstep: validation data was given but the model defines no validation_step; skipping it.")
             self.val_loader = None
+        if config.limit_val_batches == 0:
+            self.val_loader = None
+        trainer._fit_validates = self.val_loader is not None
         self.bar = ProgressBar(False)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
-        config, state, trainer = self.config, self.state, self.trainer
+        config, state, trainer, hooks = self.config, self.state, self.trainer, self.hooks
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
             start_epoch, start_sample = self.checkpointer.restore(ckpt_path)
@@ -120,34 +142,51 @@ class FitLoop:
                           f"replace them (keep_last={config.keep_last}). To continue that run, pass ckpt_path='last'.")
         if config.max_epochs_defaulted:
             trainer.print("syncstep: neither max_epochs nor max_steps was set; training for max_epochs=1000.")
+        if config.fast_dev_run:
+            trainer.print(f"syncstep: fast_dev_run: {state.global_step + config.max_steps} step(s) and validation "
+                          "batch(es) only; no loggers, no checkpoints.")
         trainer.print(plan_summary(config, self.strategy, self.plan))
-        trainer.log_dir, self.metrics.loggers = make_loggers(config.logger, config.default_root_dir,
-                                                             trainer.is_global_zero)
+        if config.enable_model_summary:
+            trainer.print(model_summary(self.model))
         for logger in self.metrics.loggers:
             if hasattr(logger, "log_hyperparams"):
-                logger.log_hyperparams(self.hyperparams)
-        self.bar = ProgressBar(config.enable_progress_bar and trainer.is_global_zero)
+                logger.log_hyperparams({**self.model.hparams, **{f"syncstep/{k}": v
+                                                                 for k, v in self.hyperparams.items()}})
+        self.bar = ProgressBar(trainer._bar_enabled())
         state.should_stop = False
         try:
             with self.guards.catching_sigterm():
                 for opt in self.plan.optimizers:
                     opt.zero_grad(set_to_none=True)
-                self.model.on_fit_start()
+                hooks.call("on_fit_start")
+                self.sanity_check()
+                hooks.call("on_train_start")
                 for epoch in range(start_epoch, config.max_epochs if config.max_epochs is not None else sys.maxsize):
-                    if state.should_stop or self.steps_exhausted():
+                    if (state.should_stop and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
                     completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
                     self.end_epoch(epoch, completed)
                     if state.preempted:
                         return
-                self.model.on_fit_end()
+                hooks.call("on_train_end")
+                hooks.call("on_fit_end")
             self.metrics.flush()
         finally:
             self.bar.close()
 
     def steps_exhausted(self) -> bool:
         return 0 <= self.config.max_steps <= self.state.global_step
+
+    def may_stop(self, epoch: int) -> bool:
+        """Whether a stop request (trainer.should_stop) may end the run before ``epoch``: not before
+        min_epochs and min_steps are done (Lightning's rule; it says so)."""
+        config, state = self.config, self.state
+        if epoch >= (config.min_epochs or 0) and state.global_step >= (config.min_steps or 0):
+            return True
+        self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
+                           f"{config.min_steps} is not reached yet; training goes on.")
+        return False
 
     def val_every(self, steps: int) -> int:
         """Optimizer steps between validations inside an epoch (0: only at the epoch's end)."""
@@ -158,14 +197,30 @@ class FitLoop:
             return max(1, int(steps * interval)) if interval < 1 else 0
         return interval
 
+    def sanity_check(self) -> None:
+        """num_sanity_val_steps validation batches before training (nothing they log is kept)."""
+        steps = self.config.num_sanity_val_steps
+        if self.val_loader is None or steps == 0:
+            return
+        trainer = self.trainer
+        trainer.sanity_checking = True
+        try:
+            self.hooks.call("on_sanity_check_start")
+            evaluate(trainer, self.val_loader, "validate", limit=None if steps == -1 else steps, sanity=True)
+            self.hooks.call("on_sanity_check_end")
+        finally:
+            trainer.sanity_checking = False
+        self.model.train()
+
     # -- one epoch: the step loop ----------------------------------------------------------------
     def train_epoch(self, epoch: int, start_sample: int) -> bool:
         """Train one epoch from ``start_sample``; False if it stopped early (max_steps, SIGTERM)."""
-        state, logs, bar, guards = self.state, self.metrics.store, self.bar, self.guards
+        state, logs, bar, guards, hooks = self.state, self.metrics.store, self.bar, self.guards, self.hooks
         steps = self.train.steps_per_epoch(start_sample)
         val_every = self.val_every(steps)
+        self.checkpointer.epoch_finished = False
         self.model.train()
-        self.model.on_train_epoch_start()
+        hooks.call("on_train_epoch_start")
         bar.start(f"Epoch {epoch}", steps)
         state.epoch_sample = start_sample
         logs.context.stage = "train"
@@ -176,6 +231,10 @@ class FitLoop:
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
+        manual = self.manual
+        if manual is not None:
+            manual.epoch, step = epoch, None
+        batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
         bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
@@ -186,15 +245,34 @@ class FitLoop:
             for counts, weights, is_last in micro_batches:  # one per accumulation step
                 if sync_gradients is not None:
                     sync_gradients(is_last)
+                if batch_hooks:  # the batches are fetched here, so that the hooks see them
+                    fetched = [next(batches) for _ in counts]
+                    batch, batches_in = (fetched[0] if len(fetched) == 1 else fetched), iter(fetched)
+                    hooks.call("on_train_batch_start", batch, batch_idx)
+                else:
+                    batches_in = batches
+                if manual is not None:
+                    manual.weight = sum(weights)
                 if autocast_ is None:
-                    loss = forward(batches, counts, weights, batch_idx)
+                    loss = forward(batches_in, counts, weights, batch_idx)
                 else:
                     with autocast_:
-                        loss = forward(batches, counts, weights, batch_idx)
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                losses.append((state.global_step, loss))
+                        loss = forward(batches_in, counts, weights, batch_idx)
+                if manual is None:
+                    if batch_hooks:
+                        hooks.call("on_before_backward", loss)
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    losses.append((state.global_step, loss))
+                    if batch_hooks:
+                        hooks.call("on_after_backward")
+                        batch_end = ({"loss": loss.detach() / (sum(weights) or 1.0)}, batch, batch_idx)
+                elif batch_hooks:
+                    batch_end = (loss, batch, batch_idx)
                 batch_idx += 1
-            step()
+            if step is not None:
+                step()
+            if batch_hooks:
+                hooks.call("on_train_batch_end", *batch_end)
             state.epoch_sample += step_samples
             bar_steps += 1
             if bar_steps == bar_every:
@@ -218,7 +296,7 @@ class FitLoop:
     def log_step(self, epoch: int) -> None:
         self.guards.agree()
         values = self.metrics.step_values(self.strategy)
-        values.update(self.stepper.lr_values())
+        values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
         self.metrics.update(values)
         if self.trainer.is_global_zero:
             self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
@@ -231,20 +309,20 @@ class FitLoop:
         self.model.train()
 
     def end_epoch(self, epoch: int, completed: bool) -> None:
-        """Epoch metrics, validation, epoch schedulers, checkpoint, and the stop on SIGTERM.
+        """Epoch metrics, validation, on_train_epoch_end, epoch schedulers, checkpoint, the SIGTERM stop.
 
         An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
         epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
-        resumed run steps them exactly once, as an uninterrupted run does.
+        resumed run steps them exactly once, as an uninterrupted run does. As in Lightning, validation
+        comes before on_train_epoch_end, and ModelCheckpoint / EarlyStopping run last, after the epoch
+        schedulers have stepped (so that what they save resumes exactly).
         """
-        guards, metrics, config = self.guards, self.metrics, self.config
+        guards, metrics, config, trainer = self.guards, self.metrics, self.config, self.trainer
         guards.agree()
         metrics.update(metrics.step_values(self.strategy))
         epoch_values = metrics.epoch_values(self.strategy)
         metrics.update(epoch_values)
-        if completed:
-            self.model.on_train_epoch_end()
-        if self.trainer.is_global_zero and epoch_values:
+        if trainer.is_global_zero and epoch_values:
             metrics.send({"epoch": epoch, **epoch_values}, self.state.global_step)
         preempted = guards.stop_signal
         due = config.check_val_every_n_epoch and (epoch + 1) % config.check_val_every_n_epoch == 0
@@ -253,12 +331,23 @@ class FitLoop:
         self.bar.show({k: v for k, v in metrics.values.items() if k in metrics.store.prog_bar})
         self.bar.close()
         if completed:
-            self.stepper.end_epoch(epoch)
+            self.hooks.on_train_epoch_end(between=lambda: self._epoch_end_values(epoch))
         due = config.ckpt_every_n_epochs and (epoch + 1) % config.ckpt_every_n_epochs == 0
         if config.enable_checkpointing and (preempted or (completed and due) or self.steps_exhausted()):
             self.checkpointer.save(guards, epoch_finished=completed)
         metrics.flush()
         if preempted:
             self.state.preempted = True
-            self.trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
-                               f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
+                          f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+
+    def _epoch_end_values(self, epoch: int) -> None:
+        """After the Module's on_train_epoch_end: what it logged, then the epoch schedulers."""
+        values = self.metrics.epoch_values(self.strategy)
+        if values:
+            self.metrics.update(values)
+            if self.trainer.is_global_zero:
+                self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
+        if self.manual is None:  # (in manual optimization the user steps the schedulers, as in Lightning)
+            self.stepper.end_epoch(epoch)
+        self.checkpointer.epoch_finished = True

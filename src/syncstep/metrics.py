@@ -41,6 +41,11 @@ def _scalar(name: str, value: Any) -> Any:
     raise TypeError(f"self.log({name!r}, ...) takes a number or a one-element tensor, got {type(value).__name__}.")
 
 
+def _is_metric(value: Any) -> bool:
+    """A torchmetrics Metric (recognised without importing torchmetrics)."""
+    return all(hasattr(value, name) for name in ("compute", "update", "reset")) and isinstance(value, torch.nn.Module)
+
+
 def _weighted_sums(entries: list[tuple[Any, float]], device: torch.device) -> torch.Tensor:
     """(sum of value x weight, sum of weight) in float64 on ``device``."""
     values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v, _ in entries])
@@ -58,6 +63,8 @@ class LogStore:
         self.step_entries: list[tuple[str, Any, float]] = []
         self.epoch_entries: dict[str, list[tuple[Any, float]]] = {}
         self.epoch_folded: dict[str, torch.Tensor] = {}
+        self.metric_objects: dict[str, Any] = {}  # torchmetrics Metrics logged for the epoch: computed at its end
+        self.forked: dict[str, str] = {}  # name_step / name_epoch -> name (callback_metrics has the plain name)
         self.prog_bar: set[str] = set()
         self.hidden: set[str] = set()  # logger=False
         self.sync_dist: set[str] = set()
@@ -73,6 +80,9 @@ class LogStore:
             if on_epoch is None:
                 on_epoch = not training
         if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            if _is_metric(value):
+                self._log_metric(name, value, on_step, on_epoch, prog_bar, logger)
+                return
             value = _scalar(name, value)
         weight = context.count if batch_size is None else batch_size
         # A step value lives until the next step begins, read (.item()) only on logging steps: it is kept
@@ -89,12 +99,32 @@ class LogStore:
             step_name, epoch_name = f"{name}_step", f"{name}_epoch"
             self.step_entries.append((step_name, value, weight))
             self._add_epoch_entry(epoch_name, value, weight)
+            if step_name not in self.forked:
+                self.forked.update({step_name: name, epoch_name: name})
         if prog_bar and step_name not in self.prog_bar:
             self.prog_bar.update((step_name, epoch_name))
         if not logger:
             self.hidden.update((step_name, epoch_name))
         if sync_dist:
             self.sync_dist.add(step_name)
+
+    def _log_metric(self, name: str, metric: Any, on_step: bool, on_epoch: bool, prog_bar: bool,
+                    logger: bool) -> None:
+        """A torchmetrics ``Metric``: its last forward value per step, ``compute()`` at the epoch's end
+        (torchmetrics syncs its state over the ranks itself), then ``reset()`` (Lightning's handling)."""
+        step_name, epoch_name = (f"{name}_step", f"{name}_epoch") if on_step and on_epoch else (name, name)
+        if on_step:
+            cache = getattr(metric, "_forward_cache", None)
+            if isinstance(cache, torch.Tensor) and cache.numel() == 1:
+                self.step_entries.append((step_name, cache.detach(), self.context.count))
+        if on_epoch:
+            self.metric_objects[epoch_name] = metric
+        if on_step and on_epoch:
+            self.forked.update({step_name: name, epoch_name: name})
+        if prog_bar:
+            self.prog_bar.update((step_name, epoch_name))
+        if not logger:
+            self.hidden.update((step_name, epoch_name))
 
     def _add_epoch_entry(self, name: str, value: Any, weight: float) -> None:
         entries = self.epoch_entries.setdefault(name, [])
@@ -138,13 +168,23 @@ class LogStore:
         """Sample-weighted means over every rank; clears the epoch. Every rank must call it."""
         for name in list(self.epoch_entries):
             self._fold(name)
-        names = all_names(sorted(self.epoch_folded))
+        objects, self.metric_objects = self.metric_objects, {}
+        names = all_names(sorted(self.epoch_folded) + [f"\0{n}" for n in sorted(objects)])
         if not names:  # the same on every rank, so no rank waits in the all-reduce below
             return {}
-        zero = torch.zeros(2, dtype=torch.float64)
-        sums = reduce(torch.stack([self.epoch_folded.get(n, zero) for n in names]))
+        out = {}
+        for marked in (n for n in names if n.startswith("\0")):  # every rank, same order: compute() syncs
+            metric = objects.get(marked[1:])
+            if metric is not None:
+                out[marked[1:]] = float(metric.compute())
+                metric.reset()
+        names = [n for n in names if not n.startswith("\0")]
+        if names:
+            zero = torch.zeros(2, dtype=torch.float64)
+            sums = reduce(torch.stack([self.epoch_folded.get(n, zero) for n in names]))
+            out.update({n: float(s[0] / s[1]) for n, s in zip(names, sums) if s[1] > 0})
         self.epoch_folded.clear()
-        return {n: float(s[0] / s[1]) for n, s in zip(names, sums) if s[1] > 0}
+        return dict(sorted(out.items()))
 
 
 def union_of_names(gather: Callable[[Any], list[Any]]) -> Callable[[list[str]], list[str]]:
@@ -176,8 +216,20 @@ class Metrics:
         return self._tensors
 
     def update(self, values: dict[str, float]) -> None:
+        """New latest values; ``name_step`` / ``name_epoch`` also set the plain ``name`` (as Lightning's)."""
+        forked = self.store.forked
+        plain = {forked[k]: v for k, v in values.items() if k in forked}
         self.values.update(values)
         self._stale.update(values)
+        if plain:
+            self.values.update(plain)
+            self._stale.update(plain)
+
+    def replace(self, values: dict[str, float]) -> None:
+        """Put back an earlier set of latest values (after the sanity check, whose values are not kept)."""
+        self.values.clear()  # (in place: the optimizer step's ReduceLROnPlateau reads this dict)
+        self.values.update(values)
+        self._tensors, self._stale = {}, set(values)
 
     def step_values(self, strategy: Any) -> dict[str, float]:
         """This step's values (every rank calls it: names logged with sync_dist are all-reduced)."""

@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from syncstep.hparams import HyperparametersMixin, load_from_checkpoint
+
 if TYPE_CHECKING:
     from syncstep.trainer import Trainer
 
 
-class Module(torch.nn.Module):
+class Module(HyperparametersMixin, torch.nn.Module):
     """Write ``training_step``, ``configure_optimizers`` and, if you evaluate, ``validation_step``.
 
     As in Lightning:
@@ -23,7 +25,13 @@ class Module(torch.nn.Module):
     - ``configure_optimizers`` returns an optimizer, a list of them, ``([optimizers], [schedulers])``
       or ``{"optimizer": ..., "lr_scheduler": ...}``; a scheduler may be a dict with "scheduler",
       "interval" ("step" / "epoch"), "frequency" and "monitor".
+
+    Lightning's other hooks (setup, on_train_start, on_train_batch_end, on_before_backward, ...) are
+    here too, called in Lightning's order (docs/from-lightning.md); ``automatic_optimization = False``
+    turns on manual optimization (``self.optimizers()``, ``self.manual_backward(loss)``).
     """
+
+    automatic_optimization: bool = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,13 +69,55 @@ class Module(torch.nn.Module):
     def test_dataloader(self) -> Any:
         return None
 
-    # Optional hooks, called on every rank.
+    def predict_dataloader(self) -> Any:
+        return None
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """What ``trainer.predict`` returns for a batch: by default ``self(batch)`` (or ``self(x)`` for an
+        ``(x, y)`` batch)."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            batch = batch[0]
+        return self(batch)
+
+    # Optional hooks, called on every rank (Lightning's names and arguments).
+    def prepare_data(self) -> None: ...
+    def setup(self, stage: str) -> None: ...
+    def teardown(self, stage: str) -> None: ...
+    def configure_model(self) -> None: ...
+    def configure_callbacks(self) -> Any:
+        return []
     def on_fit_start(self) -> None: ...
     def on_fit_end(self) -> None: ...
+    def on_train_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
     def on_train_epoch_start(self) -> None: ...
     def on_train_epoch_end(self) -> None: ...
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any: ...
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_before_backward(self, loss: torch.Tensor) -> None: ...
+    def on_after_backward(self) -> None: ...
+    def on_before_optimizer_step(self, optimizer: Any) -> None: ...
+    def on_before_zero_grad(self, optimizer: Any) -> None: ...
+    def on_validation_start(self) -> None: ...
+    def on_validation_end(self) -> None: ...
+    def on_validation_epoch_start(self) -> None: ...
     def on_validation_epoch_end(self) -> None: ...
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_start(self) -> None: ...
+    def on_test_end(self) -> None: ...
+    def on_test_epoch_start(self) -> None: ...
     def on_test_epoch_end(self) -> None: ...
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_start(self) -> None: ...
+    def on_predict_end(self) -> None: ...
+    def on_predict_epoch_start(self) -> None: ...
+    def on_predict_epoch_end(self) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
 
     # -- what the hooks can use -------------------------------------------------------------------
     def log(
@@ -96,6 +146,79 @@ class Module(torch.nn.Module):
     def log_dict(self, values: dict[str, Any], **kwargs: Any) -> None:
         for name, value in values.items():
             self.log(name, value, **kwargs)
+
+    # -- manual optimization (automatic_optimization = False) --------------------------------------
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """The optimizer(s) of configure_optimizers: one, or a list. In manual optimization their
+        ``step()`` applies syncstep's LR plan and counts the step."""
+        trainer = self.trainer
+        manual = trainer._manual
+        opts = manual.optimizers if use_pl_optimizer and manual is not None else trainer.optimizers
+        return opts[0] if len(opts) == 1 else list(opts)
+
+    def lr_schedulers(self) -> Any:
+        """The scheduler(s) of configure_optimizers (None, one, or a list); in manual optimization you
+        step them yourself, as in Lightning."""
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        return None if not schedulers else schedulers[0] if len(schedulers) == 1 else schedulers
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``loss.backward()`` as syncstep needs it: weighted for exact means over the step's samples,
+        through the gradient scaler, with DDP's gradient sync prepared, and the backward hooks."""
+        manual = self.trainer._manual
+        if manual is None:
+            raise RuntimeError("manual_backward() is for manual optimization: set self.automatic_optimization = "
+                               "False in __init__ (with automatic optimization, return the loss instead).")
+        manual.backward(loss, *args, **kwargs)
+
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Only ``optimizer``'s parameters require grad until ``untoggle_optimizer`` (Lightning's GAN idiom)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._toggled = {p: p.requires_grad for opt in self.trainer.optimizers for group in opt.param_groups
+                         for p in group["params"] if id(p) not in mine}
+        for p in self._toggled:
+            p.requires_grad = False
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        for p, requires_grad in getattr(self, "_toggled", {}).items():
+            p.requires_grad = requires_grad
+        self._toggled = {}
+
+    def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the gradients of ``optimizer``'s parameters (after unscaling, with fp16)."""
+        if gradient_clip_val is None:
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        manual = self.trainer._manual
+        if manual is not None and manual.scaler is not None:
+            manual.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if (gradient_clip_algorithm or "norm") == "norm":
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+
+    # -- across ranks ---------------------------------------------------------------------------
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Every rank's ``data`` (tensors, or dicts / lists of them), stacked along a new first dimension
+        of size world size; in one process the data as it is (both as in Lightning)."""
+        return self.trainer.strategy.all_gather(data)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> Module:
+        """A new ``cls`` built from the checkpoint's saved hyperparameters (``kwargs`` override them) with the
+        checkpoint's weights. The file is loaded safely (weights_only)."""
+        if hparams_file is not None:
+            raise ValueError("load_from_checkpoint(hparams_file=...) is not supported: syncstep keeps the "
+                             "hyperparameters inside the checkpoint; pass overrides as keywords.")
+        return load_from_checkpoint(cls, checkpoint_path, map_location=map_location, strict=strict, **kwargs)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on global rank 0 only."""

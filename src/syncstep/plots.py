@@ -38,7 +38,11 @@ def plot_metrics(csv_path: str, out_png: str, loss: str = "train_loss", metric: 
         left.plot(*zip(*steps), color="tab:blue")
     left.set(title=f"{loss} (per logged step)", xlabel="optimizer step", ylabel=loss)
     left.grid(alpha=0.3)
-    epochs = [(r["epoch"], r[metric]) for r in rows if metric in r]
+    first: dict[float, float] = {}
+    for r in rows:
+        if metric in r:
+            first.setdefault(r["epoch"], r[metric])  # the fit's value of the epoch, not a later validate()'s
+    epochs = list(first.items())
     if epochs:
         right.plot([e + 1 for e, _ in epochs], [v for _, v in epochs], marker="o", color="tab:green")
     right.set(title=f"{metric} (per epoch)", xlabel="epoch", ylabel=metric)

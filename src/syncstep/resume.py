@@ -44,14 +44,42 @@ def restart_checkpoint(ckpt_path: str | None, enable_checkpointing: bool, print_
     return ckpt_path
 
 
+def weights_state(model: Any) -> dict[str, Any]:
+    """What any syncstep checkpoint holds: the format, the weights and the saved hyperparameters."""
+    from syncstep import __version__
+
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    ckpt.check_plain(hparams, "the saved hyperparameters")
+    return {"syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
+            "state_dict": ckpt.strip_prefixes(model.state_dict()), "hyper_parameters": hparams}
+
+
+def save_weights(trainer: Any, model: Any, path: str) -> None:
+    """Weights and hyperparameters only (``trainer.save_checkpoint`` outside a fit); every rank calls it."""
+    state = weights_state(model)
+    if trainer.is_global_zero:
+        ckpt.atomic_save(state, os.path.abspath(path))
+    trainer.strategy.barrier()
+
+
 class Checkpointer:
     """Saves and restores one fit: the model, the optimizer step's state, the run state, data and RNG."""
 
-    def __init__(self, *, trainer: Any, model: Any, stepper: Any, train_data: Any, hyperparams: dict) -> None:
+    def __init__(self, *, trainer: Any, model: Any, stepper: Any, train_data: Any, hyperparams: dict,
+                 manual: Any = None) -> None:
         self.trainer, self.model, self.stepper, self.train_data = trainer, model, stepper, train_data
         self.config, self.strategy, self.state = trainer.config, trainer.strategy, trainer.state
-        self.hyperparams = hyperparams
+        self.hyperparams, self.manual = hyperparams, manual
         self.directory = self.config.checkpoint_dir
+        self.epoch_finished = False  # set by the loop once an epoch's end (schedulers included) is done
+
+    def save_to(self, path: str, weights_only: bool = False) -> None:
+        """``trainer.save_checkpoint(path)``: the run's state (or only the weights) at ``path``; every rank
+        calls it, rank 0 writes it atomically."""
+        state = weights_state(self.model) if weights_only else self._state(self.epoch_finished)
+        if self.strategy.global_rank == 0:
+            ckpt.atomic_save(state, os.path.abspath(path))
+        self.strategy.barrier()
 
     def save(self, guards: Any, epoch_finished: bool) -> None:
         """Write ``epoch=E-step=S.ckpt`` and point ``last.ckpt`` at it (every rank calls this)."""
@@ -70,23 +98,30 @@ class Checkpointer:
         self.strategy.barrier()
 
     def _state(self, epoch_finished: bool) -> dict[str, Any]:
-        from syncstep import __version__
-
         rng = self.strategy.all_gather_object(rng_state())
         step_state = self.stepper.state_dict()
         for i, state in enumerate(step_state["lr_schedulers"]):
             scheduler = self.stepper.scheduler_configs[i].scheduler
             ckpt.check_plain(state, f"lr scheduler {i} ({type(scheduler).__name__})")
-        return {
-            "syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
-            "state_dict": ckpt.strip_prefixes(self.model.state_dict()),
+        hooks = self.trainer.hooks
+        checkpoint = {
+            **weights_state(self.model),
             **step_state,
             "loop": self.state.state_dict(epoch_finished),
             "world": {"strategy": self.strategy.name, "num_processes": self.strategy.num_processes,
                       "world_size": self.strategy.world_size, **self.hyperparams},
             "shuffle_seed": self.train_data.shuffle_seed,
             "rng": rng,
+            "callbacks": hooks.state_dicts(),
         }
+        if self.manual is not None:
+            checkpoint.update(self.manual.state_dict())
+        if self.trainer.datamodule is not None:
+            checkpoint["datamodule"] = self.trainer.datamodule.state_dict()
+        hooks.on_save_checkpoint(checkpoint)
+        ckpt.check_plain({k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "rng")},
+                         "the checkpoint (callbacks' state_dict, on_save_checkpoint additions)")
+        return checkpoint
 
     def restore(self, ckpt_path: str) -> tuple[int, int]:
         """Load ``ckpt_path`` ("last" or a file) into the run; returns (epoch, samples into it) to start at."""
@@ -94,6 +129,11 @@ class Checkpointer:
         if state is None:
             return 0, 0
         self.model.load_state_dict(state["state_dict"])
+        self.trainer.hooks.on_load_checkpoint(state)
+        if self.manual is not None:
+            self.manual.load_state_dict(state)
+        if self.trainer.datamodule is not None and state.get("datamodule"):
+            self.trainer.datamodule.load_state_dict(state["datamodule"])
         optimizers = self.stepper.optimizers
         if len(state["optimizer_states"]) != len(optimizers):
             raise ckpt.CheckpointError(

@@ -8,14 +8,41 @@ from typing import Any
 import torch
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (if installed) and torch on this process, as Lightning's seed_everything."""
+def seed_everything(seed: int | None = None, workers: bool = False) -> int:
+    """Seed Python, NumPy (if installed) and torch on this process, as Lightning's seed_everything.
+
+    ``seed=None`` takes ``PL_GLOBAL_SEED`` from the environment, else 0. ``workers=True`` also seeds
+    Python's and NumPy's RNGs in every DataLoader worker, from the worker's torch seed and the rank
+    (so that ranks draw different augmentations). Returns the seed.
+    """
+    import os
+
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = str(int(workers))
     random.seed(seed)
     torch.manual_seed(seed)
     try:
         import numpy
 
         numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    return seed
+
+
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn`` under ``seed_everything(workers=True)``."""
+    import os
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    seed = (torch.initial_seed() + 1_000_003 * rank) % 2**32
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
     except ImportError:
         pass
 
@@ -54,3 +81,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
             numpy.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
         except ImportError:
             pass
+
+
+def set_determinism(deterministic: bool | str | None, benchmark: bool | None) -> None:
+    """``Trainer(deterministic=..., benchmark=...)``: torch's deterministic algorithms and cuDNN's autotuner."""
+    import os
+
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
+        if deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic (torch's documentation).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+    if benchmark is not None:
+        torch.backends.cudnn.benchmark = benchmark

@@ -25,14 +25,16 @@ from syncstep.optim import effective_lrs, scaled_step, step_schedulers, unique_p
 class OptimizerStep:
     def __init__(self, *, optimizers: list[torch.optim.Optimizer], scheduler_configs: list, lr_plan: Any,
                  lr_names: list[str], scaler: torch.amp.GradScaler | None, gradient_clip_val: float | None,
-                 gradient_clip_algorithm: str, guards: Any, state: Any, metric_values: dict[str, float]) -> None:
+                 gradient_clip_algorithm: str, guards: Any, state: Any, metric_values: dict[str, float],
+                 hooks: Any = None) -> None:
         self.optimizers, self.scheduler_configs = optimizers, scheduler_configs
         self.lr_plan, self.lr_names, self.scaler = lr_plan, lr_names, scaler
         self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.guards, self.state = guards, state
         self.metric_values = metric_values  # what ReduceLROnPlateau watches
         self.params = unique_parameters(optimizers)
-        self.guarded = guards.skip or gradient_clip_val is not None or scaler is not None
+        self.hooks = hooks if hooks is not None and hooks.per_step else None  # on_before_optimizer_step, ...
+        self.guarded = guards.skip or gradient_clip_val is not None or scaler is not None or self.hooks is not None
         self.multipliers: list[float] = [1.0] * len(optimizers)  # of the step last taken (for logging)
         self.ramping = True  # whether the multipliers may still change (warmup)
 
@@ -64,10 +66,13 @@ class OptimizerStep:
                     scaler.update()
                 state.global_step += 1
                 return
+            if scaler is not None and (self.clip_val is not None or self.hooks is not None):
+                for opt in self.optimizers:  # clipping and Lightning's hooks see unscaled gradients
+                    scaler.unscale_(opt)
+            if self.hooks is not None:
+                for opt in self.optimizers:
+                    self.hooks.call("on_before_optimizer_step", opt)
             if self.clip_val is not None:
-                if scaler is not None:
-                    for opt in self.optimizers:
-                        scaler.unscale_(opt)
                 if self.clip_algorithm == "norm":
                     torch.nn.utils.clip_grad_norm_(self.params, self.clip_val)
                 else:
@@ -80,6 +85,8 @@ class OptimizerStep:
         if scaler is not None:
             scaler.update()
         for opt in self.optimizers:
+            if self.hooks is not None:
+                self.hooks.call("on_before_zero_grad", opt)
             opt.zero_grad(set_to_none=True)
         state.global_step += 1
         if self.scheduler_configs:
@@ -92,17 +99,101 @@ class OptimizerStep:
 
     def lr_values(self) -> dict[str, float]:
         """The LR each optimizer applied (after scaling and warmup), under Lightning's names."""
-        values = {}
-        for name, opt, multiplier in zip(self.lr_names, self.optimizers, self.multipliers):
-            lrs = effective_lrs(opt, multiplier)
-            if len(lrs) == 1:
-                values[f"lr-{name}"] = lrs[0]
-            else:
-                values.update({f"lr-{name}/pg{i + 1}": lr for i, lr in enumerate(lrs)})
-        return values
+        return lr_values(self.lr_names, self.optimizers, self.multipliers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs of the step: the optimizers', schedulers' and scaler's states."""
         return {"optimizer_states": [opt.state_dict() for opt in self.optimizers],
                 "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+
+def lr_values(names: list[str], optimizers: list, multipliers: list[float]) -> dict[str, float]:
+    """``lr-<name>`` (``lr-<name>/pg<i>`` for several param groups): each group's LR x its multiplier."""
+    values = {}
+    for name, opt, multiplier in zip(names, optimizers, multipliers):
+        lrs = effective_lrs(opt, multiplier)
+        if len(lrs) == 1:
+            values[f"lr-{name}"] = lrs[0]
+        else:
+            values.update({f"lr-{name}/pg{i + 1}": lr for i, lr in enumerate(lrs)})
+    return values
+
+
+class SyncstepOptimizer:
+    """What ``self.optimizers()`` returns in manual optimization: the user's optimizer, whose ``step()``
+    applies the LR plan (scale x warmup, counted in this optimizer's own steps), the gradient scaler and
+    the ``on_before_optimizer_step`` / ``on_before_zero_grad`` hooks, and advances ``global_step``
+    (Lightning's meaning: every optimizer step counts). Everything else is the optimizer's own."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, index: int, manual: ManualOptimization) -> None:
+        self.__dict__.update(_optimizer=optimizer, _index=index, _manual=manual, steps=0)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "steps":
+            self.__dict__["steps"] = value
+        else:
+            setattr(self._optimizer, name, value)
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return self._manual.optimizer_step(self, closure, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._manual.hooks.call("on_before_zero_grad", self._optimizer)
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class ManualOptimization:
+    """``automatic_optimization = False``: the user's training_step calls ``manual_backward`` and
+    ``opt.step()``; syncstep keeps the gradients exact (each micro-batch's loss weighted by its share of
+    the step's samples, DDP's gradient sync only on the last micro-batch) and the LR plan applied."""
+
+    def __init__(self, *, optimizers: list[torch.optim.Optimizer], lr_plan: Any, scaler: Any, strategy: Any,
+                 guards: Any, hooks: Any, state: Any) -> None:
+        self.lr_plan, self.scaler, self.strategy, self.guards = lr_plan, scaler, strategy, guards
+        self.hooks, self.state = hooks, state
+        self.optimizers = [SyncstepOptimizer(opt, i, self) for i, opt in enumerate(optimizers)]
+        self.weight = 1.0  # of the micro-batch being run (set by the loop)
+        self.epoch = 0
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.guards.losses.append((self.state.global_step, loss))
+        self.hooks.call("on_before_backward", loss)
+        self.strategy.prepare_for_manual_backward(loss)
+        weighted = loss if self.weight == 1.0 else loss * self.weight
+        (weighted if self.scaler is None else self.scaler.scale(weighted)).backward(*args, **kwargs)
+        self.hooks.call("on_after_backward")
+
+    def optimizer_step(self, wrapped: SyncstepOptimizer, closure: Callable[[], Any] | None, **kwargs: Any) -> Any:
+        optimizer, scaler = wrapped.optimizer, self.scaler
+        result = closure() if closure is not None else None
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        self.hooks.call("on_before_optimizer_step", optimizer)
+        multiplier = self.lr_plan.multipliers(wrapped.steps, self.epoch)[wrapped._index]
+        scaled_step(optimizer, multiplier,
+                    functools.partial(scaler.step, optimizer) if scaler is not None else optimizer.step)
+        if scaler is not None:
+            scaler.update()
+        wrapped.steps += 1
+        self.state.global_step += 1
+        return result
+
+    def lr_values(self, names: list[str]) -> dict[str, float]:
+        """The LR of each optimizer's last step."""
+        multipliers = [self.lr_plan.multipliers(max(w.steps - 1, 0), self.epoch)[w._index] for w in self.optimizers]
+        return lr_values(names, [w.optimizer for w in self.optimizers], multipliers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"manual_optimizer_steps": [w.steps for w in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for wrapped, steps in zip(self.optimizers, state.get("manual_optimizer_steps") or []):
+            wrapped.steps = steps

@@ -17,18 +17,31 @@ from typing import Any
 
 import torch
 
+from syncstep.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from syncstep.config import TrainerConfig, unknown_arguments
 from syncstep.data import inspect_loader
 from syncstep.evaluation import evaluate
 from syncstep.guards import NonFiniteLossError, Preempted
+from syncstep.hooks import Hooks
 from syncstep.launch import detect_environment, report_failure
+from syncstep.loggers import agree_on_versions, make_loggers
 from syncstep.loop import FitLoop, FitPlan, plan_fit, plan_summary
 from syncstep.metrics import Metrics
 from syncstep.module import Module
 from syncstep.optim import simulate_lrs
+from syncstep.predict import predict
 from syncstep.resume import find_checkpoint, restart_checkpoint
-from syncstep.rng import seed_everything
+from syncstep.rng import seed_everything, set_determinism
+from syncstep.stages import (
+    checkpoint_path,
+    merge_callbacks,
+    resolve_loaders,
+    split_datamodule,
+    stage_model,
+    warn_uncalled_hooks,
+)
 from syncstep.state import RunState
+from syncstep.step import ManualOptimization, lr_values
 from syncstep.strategies.common import StepRunner
 from syncstep.strategies.select import select_strategy
 
@@ -80,26 +93,51 @@ class Trainer:
         on_nonfinite_loss: str = "error",
         use_distributed_sampler: bool = True,
         timeout: float | timedelta = 300.0,
+        callbacks: Any = None,
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        num_sanity_val_steps: int = 0,
+        fast_dev_run: bool | int = False,
+        enable_model_summary: bool = True,
+        deterministic: bool | str | None = None,
+        benchmark: bool | None = None,
+        inference_mode: bool = True,
+        sync_batchnorm: bool = False,
+        detect_anomaly: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise unknown_arguments(unknown)
         arguments = {name: value for name, value in locals().items() if name not in ("self", "unknown")}
-        self.config = TrainerConfig(**arguments)
+        self.config = config = TrainerConfig(**arguments)
         self._env = detect_environment()
-        self.strategy = select_strategy(self.config, self._env)
+        self.strategy = select_strategy(config, self._env)
         if seed is not None:
             seed_everything(seed)
+        set_determinism(config.deterministic, config.benchmark)
         self.state = RunState()
         self.metrics = Metrics()
         self._logs = self.metrics.store  # what Module.log writes into (one attribute lookup on the hot path)
+        self.loggers = make_loggers(config.logger, config.default_root_dir)
+        self.callbacks: list[Callback] = list(config.callbacks)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list = []
         self.batch_plan = None
         self.lr_plan = None
         self.estimated_stepping_batches: int | None = None  # optimizer steps of the run (Lightning's name)
-        self.log_dir: str | None = None
+        self.lightning_module: Module | None = None  # the model of the last fit (or stage)
+        self.datamodule: Any = None
+        self.hooks = Hooks(self, Module(), [])  # a stage's hooks, made when it starts
+        self.sanity_checking = False
         self._plan: FitPlan | None = None
+        self._manual: ManualOptimization | None = None  # manual optimization's optimizers, during fit
+        self._checkpointer: Any = None  # the last fit's, for save_checkpoint
+        self._fit_validates = False
+        self._versions_agreed = False
 
     # -- where this process stands ----------------------------------------------------------------
     @property
@@ -173,6 +211,60 @@ class Trainer:
         return self.state.stage
 
     @property
+    def log_every_n_steps(self) -> int:
+        return self.config.log_every_n_steps
+
+    @property
+    def logger(self) -> Any:
+        """The first logger (Lightning's ``trainer.logger``), or None."""
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        """The first logger's directory on every rank (rank 0 chose it), else ``default_root_dir``."""
+        for logger in self.loggers:
+            directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            if directory:
+                return directory
+        return self.config.default_root_dir
+
+    @property
+    def checkpoint_callbacks(self) -> list[Any]:
+        return [c for c in self.hooks.callbacks or self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> Any:
+        """The first ModelCheckpoint (``best_model_path``, ``best_model_score``), or None."""
+        found = self.checkpoint_callbacks
+        return found[0] if found else None
+
+    @property
+    def early_stopping_callback(self) -> Any:
+        found = [c for c in self.hooks.callbacks or self.callbacks if isinstance(c, EarlyStopping)]
+        return found[0] if found else None
+
+    @property
+    def model(self) -> Any:
+        """The model as the strategy runs it (DDP's wrapper around it under ddp), or the Module."""
+        return getattr(self.strategy, "ddp", None) or self.lightning_module
+
+    @property
+    def training(self) -> bool:
+        return self.state.stage == "fit" and not self.sanity_checking
+
+    @property
+    def validating(self) -> bool:
+        return self.state.stage == "validate" or self.sanity_checking
+
+    @property
+    def testing(self) -> bool:
+        return self.state.stage == "test"
+
+    @property
+    def predicting(self) -> bool:
+        return self.state.stage == "predict"
+
+    @property
     def callback_metrics(self) -> dict[str, torch.Tensor]:
         """The latest value of every logged metric, as float64 tensors (Lightning's name and type)."""
         return self.metrics.callback_metrics
@@ -188,35 +280,79 @@ class Trainer:
 
     # -- public entry points ----------------------------------------------------------------------
     def fit(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            ckpt_path: str | None = None) -> None:
-        """Train ``model``. ``ckpt_path`` resumes: a path, or "last" for the newest good checkpoint.
+            datamodule: Any = None, ckpt_path: str | None = None) -> None:
+        """Train ``model``. ``ckpt_path`` resumes: a path, "last" for the newest good checkpoint, or "best".
 
         Raises :class:`syncstep.Preempted` (a ``SystemExit`` with code 143) on every rank when a
         SIGTERM stopped the run after writing a checkpoint.
         """
         self._check_module(model)
-        train = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
-        if train is None:
-            raise ValueError("fit() needs training data: pass train_dataloaders=, or define train_dataloader().")
-        val = val_dataloaders if val_dataloaders is not None else model.val_dataloader()
-        self._check_loaders(train, "train_dataloaders")
-        self._check_loaders(val, "val_dataloaders")
+        train_dataloaders, datamodule = split_datamodule(train_dataloaders, datamodule)
+        self._check_loaders(train_dataloaders, "train_dataloaders")
+        self._check_loaders(val_dataloaders, "val_dataloaders")
+        if datamodule is None and train_dataloaders is None and type(model).train_dataloader is Module.train_dataloader:
+            raise ValueError("fit() needs training data: pass train_dataloaders= or datamodule=, or define "
+                             "train_dataloader().")
+        warn_uncalled_hooks(model)
         self.strategy.launch()
-        ckpt_path = restart_checkpoint(ckpt_path, self.config.enable_checkpointing, self.print)
+        ckpt_path = restart_checkpoint(checkpoint_path(self, ckpt_path), self.config.enable_checkpointing, self.print)
         self.state.preempted = False
-        with self._running(model, "fit"):
-            FitLoop(self, model, train, val).run(ckpt_path)
+        with self._running(model, "fit", datamodule):
+            train = resolve_loaders("fit", train_dataloaders, datamodule, model)
+            if train is None:
+                raise ValueError("fit() needs training data: pass train_dataloaders= or datamodule=, or define "
+                                 "train_dataloader().")
+            val = val_dataloaders if val_dataloaders is not None else resolve_loaders("validate", None, datamodule,
+                                                                                       model)
+            self._check_loaders(train, "train_dataloaders")
+            self._check_loaders(val, "val_dataloaders")
+            with torch.autograd.set_detect_anomaly(self.config.detect_anomaly):
+                FitLoop(self, model, train, val).run(ckpt_path)
         if self.state.preempted:
             raise Preempted(f"SIGTERM: training stopped at step {self.global_step} after saving a checkpoint in "
                             f"{self.checkpoint_dir}; resume with trainer.fit(..., ckpt_path='last').")
 
-    def validate(self, model: Module, dataloaders: Any = None, ckpt_path: str | None = None) -> list[dict[str, float]]:
-        """Evaluate with ``validation_step``; one dict of epoch metrics per dataloader."""
-        return self._evaluate_entry(model, dataloaders, ckpt_path, "validate")
+    def validate(self, model: Module | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+                 verbose: bool = True, datamodule: Any = None) -> list[dict[str, float]]:
+        """Evaluate with ``validation_step``; one dict of epoch metrics per dataloader. Without a model,
+        the model of the last fit."""
+        return self._evaluate_entry(model, dataloaders, ckpt_path, "validate", datamodule)
 
-    def test(self, model: Module, dataloaders: Any = None, ckpt_path: str | None = None) -> list[dict[str, float]]:
+    def test(self, model: Module | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+             verbose: bool = True, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate with ``test_step``; one dict of epoch metrics per dataloader."""
-        return self._evaluate_entry(model, dataloaders, ckpt_path, "test")
+        return self._evaluate_entry(model, dataloaders, ckpt_path, "test", datamodule)
+
+    def predict(self, model: Module | None = None, dataloaders: Any = None, datamodule: Any = None,
+                return_predictions: bool | None = None, ckpt_path: str | None = None) -> Any:
+        """``predict_step`` over every sample once (exact sharding, no padding), the predictions gathered in
+        dataset order on every rank: a list of batches (a list of such lists for several loaders)."""
+        model = stage_model(self, model, "predict")
+        dataloaders, datamodule = split_datamodule(dataloaders, datamodule)
+        self._check_loaders(dataloaders, "dataloaders")
+        self.strategy.launch()
+        with self._running(model, "predict", datamodule):
+            self._load_weights(model, ckpt_path, "predict")
+            loaders = resolve_loaders("predict", dataloaders, datamodule, model)
+            if loaders is None:
+                raise ValueError("predict() needs data: pass dataloaders= or datamodule=, or define "
+                                 "predict_dataloader().")
+            several = isinstance(loaders, (list, tuple))
+            results = predict(self, list(loaders) if several else [loaders],
+                              True if return_predictions is None else return_predictions)
+            return results if results is None or several else results[0]
+
+    def save_checkpoint(self, filepath: str, weights_only: bool = False, storage_options: Any = None) -> None:
+        """Write a checkpoint to ``filepath`` (atomically, on rank 0; every rank must call it): during or
+        after fit the whole run state (resumable), else the model's weights and hyperparameters."""
+        if self._checkpointer is not None:
+            self._checkpointer.save_to(filepath, weights_only=weights_only)
+        elif self.lightning_module is not None:
+            from syncstep.resume import save_weights
+
+            save_weights(self, self.lightning_module, filepath)
+        else:
+            raise RuntimeError("save_checkpoint() needs a model: call it during or after fit().")
 
     def lr_schedule(self, model: Module, train_dataloaders: Any = None) -> dict[str, list[float]]:
         """The effective LR of every optimizer step this run would take, without training or launching.
@@ -244,23 +380,52 @@ class Trainer:
         self.batch_plan, self.lr_plan, self.estimated_stepping_batches = plan.batch, plan.lr, plan.total_steps
         return plan
 
-    def _evaluate_entry(self, model: Module, loaders: Any, ckpt_path: str | None, stage: str) -> list[dict]:
+    def _evaluate_entry(self, model: Module | None, loaders: Any, ckpt_path: str | None, stage: str,
+                        datamodule: Any) -> list[dict]:
+        model = stage_model(self, model, stage)
         self._check_module(model)
-        if loaders is None:
-            loaders = model.val_dataloader() if stage == "validate" else model.test_dataloader()
-        if loaders is None:
-            raise ValueError(f"{stage}() needs data: pass dataloaders=, or define "
-                             f"{'val' if stage == 'validate' else 'test'}_dataloader().")
+        loaders, datamodule = split_datamodule(loaders, datamodule)
         self._check_loaders(loaders, "dataloaders")
         self.strategy.launch()
-        with self._running(model, stage):
-            if ckpt_path is not None:
-                path, state = find_checkpoint(self.checkpoint_dir, ckpt_path, self.print)
-                if state is not None:
-                    model.load_state_dict(state["state_dict"])
-                    self.print(f"syncstep: {stage} with the weights of {path}")
-            return [evaluate(self, loader, stage) for loader in (loaders if isinstance(loaders, (list, tuple))
-                                                                 else [loaders])]
+        with self._running(model, stage, datamodule):
+            self._load_weights(model, ckpt_path, stage)
+            loaders = resolve_loaders(stage, loaders, datamodule, model)
+            if loaders is None:
+                raise ValueError(f"{stage}() needs data: pass dataloaders= or datamodule=, or define "
+                                 f"{'val' if stage == 'validate' else 'test'}_dataloader().")
+            self._check_loaders(loaders, "dataloaders")
+            results = []
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                values = evaluate(self, loader, stage)
+                if self.is_global_zero and values:  # (to the loggers too, as Lightning's)
+                    self.metrics.send({"epoch": self.current_epoch, **values}, self.global_step)
+                results.append(values)
+            return results
+
+    def _load_weights(self, model: Module, ckpt_path: str | None, stage: str) -> None:
+        if ckpt_path is None:
+            return
+        path, state = find_checkpoint(self.checkpoint_dir, checkpoint_path(self, ckpt_path), self.print)
+        if state is not None:
+            model.load_state_dict(state["state_dict"])
+            self.print(f"syncstep: {stage} with the weights of {path}")
+
+    def _log_values(self, values: dict[str, float]) -> None:
+        """Values a callback logs directly (LearningRateMonitor): callback_metrics and the loggers."""
+        self.metrics.update(values)
+        if self.is_global_zero:
+            self.metrics.send({"epoch": self.current_epoch, **values}, self.global_step)
+
+    def applied_lrs(self) -> dict[str, float]:
+        """The LR each optimizer applies at the current step, after scaling and warmup (``lr-<name>``)."""
+        if self._manual is not None:
+            return self._manual.lr_values(self._plan.lr_names)
+        multipliers = self.lr_plan.multipliers(self.global_step, self.current_epoch)
+        return lr_values(self._plan.lr_names, self.optimizers, multipliers)
+
+    def _bar_enabled(self) -> bool:
+        bars = [c for c in self.hooks.callbacks or self.callbacks if isinstance(c, TQDMProgressBar)]
+        return self.config.enable_progress_bar and self.is_global_zero and not (bars and bars[0].refresh_rate == 0)
 
     @staticmethod
     def _check_module(model: Any) -> None:
@@ -277,20 +442,34 @@ class Trainer:
             inspect_loader(loader, what)
 
     @contextlib.contextmanager
-    def _running(self, model: Module, stage: str) -> Iterator[None]:
-        """The strategy's environment and the wrapped model for one fit / validate / test."""
+    def _running(self, model: Module, stage: str, datamodule: Any = None) -> Iterator[None]:
+        """One stage: the strategy's environment, the hooks' set-up and tear-down, the wrapped model."""
         strategy = self.strategy
         strategy.setup_environment()
+        if not self._versions_agreed:
+            agree_on_versions(self.loggers, strategy.broadcast_object)
+            self._versions_agreed = True
+        self.metrics.loggers = self.loggers if self.is_global_zero else []
         model._trainer = self
-        strategy.setup(StepRunner(model, self._logs.context))
+        self.lightning_module, self.datamodule = model, datamodule
+        self.hooks = Hooks(self, model, merge_callbacks(self.callbacks, model), datamodule)
         self.state.stage = stage
         try:
+            self.hooks.setup(stage)
+            if stage == "fit":
+                model.configure_model()
+                if self.config.sync_batchnorm and strategy.num_processes > 1:
+                    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            strategy.setup(StepRunner(model, self._logs.context))
             yield
         except BaseException as error:
+            if isinstance(error, Exception):
+                self.hooks.on_exception(error)
             report_failure(error, rank=self.global_rank, world_size=self.world_size,
                            where=f"{stage} at epoch {self.current_epoch}, step {self.global_step}")
             raise
         finally:
             self.metrics.finalize()
             strategy.teardown()
+            self.hooks.teardown(stage)
             self.state.stage = None

@@ -53,7 +53,8 @@ class Strategy(Protocol):
         """Take one batch per count from ``batches`` (this process's replicas, in order), run them, and
         return the weighted loss to call backward on."""
 
-    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None: ...
+    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> list[Any]:
+        """Run the stage's hook on each replica's batch; their outputs, one per replica."""
 
     def sync_gradients(self, enabled: bool) -> None:
         """Whether the next backward all-reduces the gradients (off on accumulating micro-batches)."""
@@ -67,6 +68,12 @@ class Strategy(Protocol):
     def all_gather_object(self, obj: T) -> list[T]: ...
 
     def barrier(self) -> None: ...
+
+    def all_gather(self, data: Any) -> Any:
+        """Every rank's tensors stacked along a new first dimension (as it is in one process)."""
+
+    def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
+        """Manual optimization: get ready for a backward inside the training step (DDP's reducer)."""
 
     def teardown(self) -> None: ...
 

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
 
-_HOOKS = {"train": "training_step", "validate": "validation_step", "test": "test_step"}
+_HOOKS = {"train": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+def takes_batch_idx(module: torch.nn.Module, hook: str) -> bool:
+    """Whether the user's hook takes ``batch_idx`` (Lightning allows ``training_step(self, batch)``)."""
+    try:
+        parameters = list(inspect.signature(getattr(module, hook)).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -53,12 +64,26 @@ class StepRunner(torch.nn.Module):
         super().__init__()
         self.module = module
         self.log_context = log_context
+        self.takes_batch_idx = {stage: takes_batch_idx(module, hook) for stage, hook in _HOOKS.items()}
 
     def forward(self, stage: str, batch: Any, batch_idx: int, count: int) -> Any:
         context = self.log_context
         context.stage, context.count = stage, count
         # self._modules["module"], not self.module: nn.Module's __getattr__ fallback is slow, every step.
-        return getattr(self._modules["module"], _HOOKS[stage])(batch, batch_idx)
+        # (Looked up on each call: a DP replica runs its own copy of the module.)
+        hook = getattr(self._modules["module"], _HOOKS[stage])
+        return hook(batch, batch_idx) if self.takes_batch_idx[stage] else hook(batch)
+
+
+def apply_to_tensors(data: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor inside dicts, lists and tuples."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, dict):
+        return type(data)((k, apply_to_tensors(v, fn)) for k, v in data.items())
+    if isinstance(data, (list, tuple)):
+        return type(data)(apply_to_tensors(v, fn) for v in data)
+    return data
 
 
 class OneProcess:
@@ -95,4 +120,10 @@ class OneProcess:
         return [obj]
 
     def barrier(self) -> None:
+        pass
+
+    def all_gather(self, data: Any) -> Any:
+        return data  # one process: Lightning returns the data as it is, with no world dimension
+
+    def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
         pass

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from syncstep.launch import Environment, can_self_launch, init_process_group, self_launch
-from syncstep.strategies.common import StepRunner, extract_loss, move_to_device
+from syncstep.strategies.common import StepRunner, apply_to_tensors, extract_loss, move_to_device
 
 T = TypeVar("T")
 
@@ -94,16 +94,33 @@ class DDPStrategy:
         # manager around forward and backward (nanoGPT does the same).
         self.ddp.require_backward_grad_sync = enabled
 
+    manual = False  # manual optimization: training_step's output is returned as it is
+
     def training_step(
         self, batches: Iterator[Any], counts: tuple[int, ...], weights: tuple[float, ...], batch_idx: int
     ) -> torch.Tensor:
-        loss = extract_loss(self.ddp("train", self._move(next(batches)), batch_idx, counts[0]))
+        output = self.ddp("train", self._move(next(batches)), batch_idx, counts[0])
+        if self.manual:
+            return output
+        loss = extract_loss(output)
         weight = weights[0]
         return loss if weight == 1.0 else loss * weight
 
-    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
+    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> list[Any]:
         # Evaluation has no backward, so it skips DDP's forward (and its buffer broadcast).
-        self.runner(stage, self._move(batches[0]), batch_idx, counts[0])
+        return [self.runner(stage, self._move(batches[0]), batch_idx, counts[0])]
+
+    def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
+        """In manual optimization the backward runs inside DDP's forward (in training_step), before DDP
+        would prepare its reducer for it; prepare it here, as Lightning does, or no gradient is synced."""
+        ddp = self.ddp
+        if ddp is None or not ddp.require_backward_grad_sync:
+            return
+        ddp.require_forward_param_sync = True
+        find = ddp.find_unused_parameters and not ddp.static_graph
+        outputs = list(torch.nn.parallel.distributed._find_tensors(loss)) if find else []
+        ddp.reducer._rebuild_buckets()
+        ddp.reducer.prepare_for_backward(outputs)
 
     # -- collectives: every rank calls them, in the same order --------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -132,6 +149,19 @@ class DDPStrategy:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def all_gather(self, data: Any) -> Any:
+        """Every rank's tensors stacked along a new first dimension (on the collective device and back)."""
+        if not dist.is_initialized():
+            return data
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            local = tensor.detach().to(self.collective_device).contiguous()
+            out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(out, local)
+            return torch.stack(out).to(tensor.device)
+
+        return apply_to_tensors(data, gather)
 
     def teardown(self) -> None:
         self.ddp = None

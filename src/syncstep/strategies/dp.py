@@ -67,6 +67,12 @@ class DataParallelStrategy(OneProcess):
         self.cpu = accelerator == "cpu"
 
     def setup(self, runner: StepRunner) -> None:
+        if not getattr(runner.module, "automatic_optimization", True):
+            raise ValueError(
+                "manual optimization (automatic_optimization = False) cannot run with strategy='dp': its replicas "
+                "run training_step in threads, and each would step the optimizer. Use strategy='ddp' (one "
+                "process per device) or one device."
+            )
         runner.module.to(self.root_device)
         self.runner = runner
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.devices) - 1), thread_name_prefix="syncstep-dp")
@@ -120,8 +126,8 @@ class DataParallelStrategy(OneProcess):
         losses = [extract_loss(out).to(root) for out in outputs]
         return sum(loss * w for loss, w in zip(losses, weights))
 
-    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> None:
-        self._parallel_apply(stage, batches, counts, batch_idx)
+    def evaluation_step(self, stage: str, batches: list[Any], counts: list[int], batch_idx: int) -> list[Any]:
+        return self._parallel_apply(stage, batches, counts, batch_idx)
 
     def teardown(self) -> None:
         if self.pool is not None:
