@@ -1,10 +1,11 @@
-"""syncstep: data-parallel training for PyTorch (one device, dp, ddp) with the LR arithmetic done right."""
+"""syncstep: data-parallel training for PyTorch (one device, dp, ddp, fsdp) with the LR arithmetic done right."""
 
 __version__ = "0.1.0"
 
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.module import Module
 from syncstep.rng import seed_everything
+from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.trainer import Trainer
 
-__all__ = ["Module", "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]
+__all__ = ["FSDPStrategy", "Module", "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]

@@ -1,9 +1,12 @@
 """Run state in and out of checkpoints: what is saved, when a save runs, finding one, and resuming.
 
 ``checkpoint.py`` keeps the file format (atomic writes, safe loads); this module decides what a
-checkpoint of a fit holds and puts it back. A checkpoint is written on rank 0 after every rank has
-agreed on the guards (a NaN found since the last agreement stops the run before it is saved) and
-gathered its RNG state; the other ranks wait at a barrier.
+checkpoint of a fit holds and puts it back. A checkpoint is written after every rank has agreed on
+the guards (a NaN found since the last agreement stops the run before it is saved) and gathered its
+RNG state. The model's and optimizers' state come from the strategy (``gather_state``: fsdp gathers
+its shards to rank 0), and rank 0 writes the one file while the other ranks wait at a barrier; or,
+with fsdp's ``state_dict_type="sharded"``, every rank writes its own shards into a checkpoint
+directory (``sharded_checkpoint.py``). Either format loads into any strategy at any world size.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from syncstep import checkpoint as ckpt
+from syncstep import sharded_checkpoint
 from syncstep.rng import rng_state, set_rng_state
 
 
@@ -33,6 +37,20 @@ def find_checkpoint(directory: str, ckpt_path: str, print_fn: Callable[..., None
     elif problems:
         print_fn(f"syncstep: resuming from {path} instead (the newest readable checkpoint).")
     return path, state
+
+
+def load_weights(strategy: Any, model: Any, optimizers: list, path: str, state: dict) -> None:
+    """The checkpoint's model state (and, if ``optimizers`` are given, theirs) into the running model,
+    whichever format the checkpoint has and however the strategy holds the model."""
+    if len(state["optimizer_states"]) < len(optimizers):
+        raise ckpt.CheckpointError(
+            f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
+            f"returned {len(optimizers)}."
+        )
+    if sharded_checkpoint.is_sharded(state):
+        sharded_checkpoint.load(model, optimizers, path, state)
+    else:
+        strategy.load_state(model, optimizers, state["state_dict"], state["optimizer_states"][:len(optimizers)])
 
 
 def restart_checkpoint(ckpt_path: str | None, enable_checkpointing: bool, print_fn: Callable[..., None]) -> str | None:
@@ -58,18 +76,25 @@ class Checkpointer:
         if not self.config.enable_checkpointing:
             return
         guards.agree()
-        state = self._state(epoch_finished)
-        if self.strategy.global_rank == 0:
-            name = f"epoch={self.state.current_epoch}-step={self.state.global_step}.ckpt"
-            path = os.path.join(self.directory, name)
-            ckpt.remove_stale_temporaries(self.directory)
-            ckpt.atomic_save(state, path)
+        strategy, optimizers = self.strategy, self.stepper.optimizers
+        state = self._run_state(epoch_finished)
+        name = f"epoch={self.state.current_epoch}-step={self.state.global_step}.ckpt"
+        path = os.path.join(self.directory, name)
+        if strategy.state_dict_type == "sharded":
+            sharded_checkpoint.save(strategy, self.model, optimizers, state, path)
+        else:
+            state["state_dict"], state["optimizer_states"] = strategy.gather_state(self.model, optimizers)
+            if strategy.global_rank == 0:
+                ckpt.remove_stale_temporaries(self.directory)
+                ckpt.atomic_save(state, path)
+        if strategy.global_rank == 0:
             ckpt.atomic_link(path, os.path.join(self.directory, ckpt.LAST))
             for old in ckpt.step_checkpoints(self.directory)[self.config.keep_last:]:
-                os.remove(old)
-        self.strategy.barrier()
+                ckpt.remove(old)
+        strategy.barrier()
 
-    def _state(self, epoch_finished: bool) -> dict[str, Any]:
+    def _run_state(self, epoch_finished: bool) -> dict[str, Any]:
+        """Everything a checkpoint holds but the model's and optimizers' tensors."""
         from syncstep import __version__
 
         rng = self.strategy.all_gather_object(rng_state())
@@ -79,7 +104,6 @@ class Checkpointer:
             ckpt.check_plain(state, f"lr scheduler {i} ({type(scheduler).__name__})")
         return {
             "syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
-            "state_dict": ckpt.strip_prefixes(self.model.state_dict()),
             **step_state,
             "loop": self.state.state_dict(epoch_finished),
             "world": {"strategy": self.strategy.name, "num_processes": self.strategy.num_processes,
@@ -93,15 +117,13 @@ class Checkpointer:
         path, state = find_checkpoint(self.directory, ckpt_path, self.trainer.print)
         if state is None:
             return 0, 0
-        self.model.load_state_dict(state["state_dict"])
         optimizers = self.stepper.optimizers
         if len(state["optimizer_states"]) != len(optimizers):
             raise ckpt.CheckpointError(
                 f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
                 f"returned {len(optimizers)}."
             )
-        for opt, opt_state in zip(optimizers, state["optimizer_states"]):
-            opt.load_state_dict(opt_state)
+        load_weights(self.strategy, self.model, optimizers, path, state)
         for config, sched_state in zip(self.stepper.scheduler_configs, state["lr_schedulers"]):
             config.scheduler.load_state_dict(sched_state)
         if self.stepper.scaler is not None and state.get("grad_scaler"):

@@ -102,7 +102,7 @@ class OptimizerStep:
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs of the step: the optimizers', schedulers' and scaler's states."""
-        return {"optimizer_states": [opt.state_dict() for opt in self.optimizers],
-                "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
+        """What a checkpoint needs of the step besides the optimizers (whose state the strategy gathers,
+        as it may be sharded): the schedulers' and the scaler's states."""
+        return {"lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}

@@ -26,17 +26,18 @@ from syncstep.loop import FitLoop, FitPlan, plan_fit, plan_summary
 from syncstep.metrics import Metrics
 from syncstep.module import Module
 from syncstep.optim import simulate_lrs
-from syncstep.resume import find_checkpoint, restart_checkpoint
+from syncstep.resume import find_checkpoint, load_weights, restart_checkpoint
 from syncstep.rng import seed_everything
 from syncstep.state import RunState
 from syncstep.strategies.common import StepRunner
+from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.strategies.select import select_strategy
 
 __all__ = ["NonFiniteLossError", "Preempted", "Trainer"]
 
 
 class Trainer:
-    """Train a :class:`syncstep.Module` on one device, with ``strategy="dp"`` or ``strategy="ddp"``.
+    """Train a :class:`syncstep.Module` on one device, or with ``strategy="dp"``, ``"ddp"`` or ``"fsdp"``.
 
     The DataLoader's ``batch_size`` is the per-device batch for every strategy; the global batch is
     per-device batch x devices x num_nodes x accumulate_grad_batches, and the learning rate is scaled
@@ -52,7 +53,7 @@ class Trainer:
         max_steps: int = -1,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
-        strategy: str = "auto",
+        strategy: str | FSDPStrategy = "auto",
         num_nodes: int = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
@@ -257,7 +258,7 @@ class Trainer:
             if ckpt_path is not None:
                 path, state = find_checkpoint(self.checkpoint_dir, ckpt_path, self.print)
                 if state is not None:
-                    model.load_state_dict(state["state_dict"])
+                    load_weights(self.strategy, model, [], path, state)
                     self.print(f"syncstep: {stage} with the weights of {path}")
             return [evaluate(self, loader, stage) for loader in (loaders if isinstance(loaders, (list, tuple))
                                                                  else [loaders])]
@@ -282,6 +283,7 @@ class Trainer:
         strategy = self.strategy
         strategy.setup_environment()
         model._trainer = self
+        model.configure_model()  # before the strategy moves and wraps (fsdp: shards) the model
         strategy.setup(StepRunner(model, self._logs.context))
         self.state.stage = stage
         try:

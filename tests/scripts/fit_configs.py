@@ -2,6 +2,10 @@
 
 Usage: python fit_configs.py configs.json   (syncstep starts the DDP processes itself)
        torchrun --nproc-per-node=2 fit_configs.py configs.json
+
+A config with "fsdp": {options} trains with syncstep.FSDPStrategy(**options) (module classes by
+their torch.nn name, e.g. "auto_wrap_policy": ["Linear"]); its parameters are saved gathered, and
+each rank also saves how many elements of each parameter and optimizer state tensor it holds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,23 @@ TRAINER_KEYS = (
 )
 
 
+def fsdp_strategy(options: dict) -> syncstep.FSDPStrategy:
+    options = dict(options)
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        if isinstance(options.get(key), list):
+            options[key] = {getattr(torch.nn, name) for name in options[key]}
+    return syncstep.FSDPStrategy(**options)
+
+
+def whole(tensor):
+    """A parameter as one process holds it (an fsdp DTensor gathered; every rank must call this)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_numel(tensor) -> int:
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel()
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         configs = json.load(f)
@@ -48,6 +69,8 @@ def main(spec_path: str) -> None:
         kwargs = {k: config[k] for k in TRAINER_KEYS if k in config}
         kwargs.setdefault("lr_scaling", "none")
         kwargs.setdefault("enable_checkpointing", False)
+        if "fsdp" in config:
+            kwargs["strategy"] = fsdp_strategy(config["fsdp"])
         trainer = syncstep.Trainer(
             accelerator="cpu", enable_progress_bar=False, logger=[recorder], log_every_n_steps=1,
             default_root_dir=config.get("root", "."), **kwargs,
@@ -60,9 +83,17 @@ def main(spec_path: str) -> None:
                        config.get("drop_last", False))
         val = loader(dataset(config["val_n"], seed=1), config.get("val_batch_size", 2)) if config.get("val_n") else None
         trainer.fit(model, train, val, ckpt_path=config.get("ckpt_path"))
-        params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        params = {k: whole(v.detach()).cpu().clone() for k, v in model.state_dict().items()}
         name = config["name"]
         torch.save(params, f"{name}.rank{trainer.global_rank}.pt")
+        if "fsdp" in config:
+            opt, names = trainer.optimizers[0], {id(p): n for n, p in model.named_parameters()}
+            states = [(f"{names[id(p)]}.{k}", v) for p in opt.state for k, v in opt.state[p].items()
+                      if isinstance(v, torch.Tensor) and v.ndim]
+            torch.save({"params": {k: local_numel(p) for k, p in model.named_parameters()},
+                        "optimizer": {k: local_numel(v) for k, v in states},
+                        "optimizer_full": {k: v.numel() for k, v in states}},
+                       f"{name}.shards{trainer.global_rank}.pt")
         results = {}
         if config.get("evaluate_n"):
             evaluate = loader(dataset(config["evaluate_n"], seed=2), config.get("eval_batch_size", 2))
@@ -70,6 +101,7 @@ def main(spec_path: str) -> None:
         if trainer.is_global_zero:
             lrs = [row[k] for row in recorder.rows for k in row if k.startswith("lr-")]
             torch.save({"params": params, "lrs": lrs, "rows": recorder.rows, "evaluate": results,
+                        "summary": trainer.plan_summary(),
                         "global_step": trainer.global_step,
                         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
                        f"{name}.pt")
