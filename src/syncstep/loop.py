@@ -208,7 +208,9 @@ class FitLoop:
                     with autocast_:
                         loss = forward(batches, counts, weights, batch_idx)
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                losses.append((state.global_step, loss))
+                # Detached: kept with its graph, a loss would keep what the graph references until the
+                # next agreement; under fsdp, every unit's all-gathered parameters (guards.py).
+                losses.append((state.global_step, loss.detach()))
                 batch_idx += 1
             step()
             state.epoch_sample += step_samples

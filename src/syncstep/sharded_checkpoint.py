@@ -28,10 +28,12 @@ another number of devices, or under ddp, exactly.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -45,6 +47,16 @@ _SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
 
 def is_sharded(state: dict) -> bool:
     return "sharded" in state
+
+
+@contextlib.contextmanager
+def _one_process_is_intended() -> Any:
+    """Without a process group (one device, no launcher) DCP reads and writes alone, as intended; it
+    warns that it assumes so every time."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # -- saving ---------------------------------------------------------------------------------------------
@@ -89,7 +101,8 @@ def save(strategy: Any, model: torch.nn.Module, optimizers: list, run_state: dic
     for i, opt in enumerate(optimizers):
         tensors["optimizers"][str(i)], rest = _split_optimizer_state(get_optimizer_state_dict(model, opt))
         plain.append(rest)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not dist.is_initialized())
+    with _one_process_is_intended():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not dist.is_initialized())
     if rank0:
         state = {**run_state, "state_dict": {}, "optimizer_states": plain,
                  "sharded": {"format": 1, "world_size": strategy.world_size}}
@@ -100,7 +113,7 @@ def save(strategy: Any, model: torch.nn.Module, optimizers: list, run_state: dic
             os.fsync(f.fileno())
         _fsync(tmp)
         if os.path.lexists(path):  # a checkpoint of the same name: moved aside, then removed
-            old = os.path.join(directory, f".{os.path.basename(path)}.old-{os.getpid()}")
+            old = os.path.join(directory, f".{os.path.basename(path)}.old.tmp-{os.getpid()}")  # a temporary too
             os.replace(path, old)
             os.replace(tmp, path)
             ckpt.remove(old)
@@ -230,7 +243,8 @@ def load(model: torch.nn.Module, optimizers: list, path: str, state: dict) -> No
     if not targets["optimizers"]:
         del targets["optimizers"]
     try:
-        dcp.load(targets, storage_reader=_reader(path), planner=_planner(), no_dist=not dist.is_initialized())
+        with _one_process_is_intended():
+            dcp.load(targets, storage_reader=_reader(path), planner=_planner(), no_dist=not dist.is_initialized())
     except ckpt.CheckpointError:
         raise
     except Exception as error:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -61,6 +63,26 @@ def local_numel(tensor) -> int:
     return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel()
 
 
+def crash_in_sharded_save(rank: int, save: int, marker: str) -> None:
+    """SIGKILL rank ``rank`` once it has written its shards of the ``save``-th sharded checkpoint: the
+    checkpoint is then incomplete (no .metadata, no run state), as after a node failure mid-save."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    real, calls = FileSystemWriter.write_data, [0]
+
+    def write_data(self, plan, planner):
+        future = real(self, plan, planner)
+        calls[0] += 1
+        if calls[0] == save and int(os.environ.get("RANK", "0")) == rank:
+            future.wait()
+            with open(marker, "w") as f:
+                f.write(repr(time.monotonic()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return future
+
+    FileSystemWriter.write_data = write_data
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         configs = json.load(f)
@@ -71,6 +93,10 @@ def main(spec_path: str) -> None:
         kwargs.setdefault("enable_checkpointing", False)
         if "fsdp" in config:
             kwargs["strategy"] = fsdp_strategy(config["fsdp"])
+        if "crash_in_sharded_save" in config:
+            crash = config["crash_in_sharded_save"]
+            os.makedirs(config["root"], exist_ok=True)
+            crash_in_sharded_save(crash["rank"], crash["save"], os.path.join(config["root"], "killed.txt"))
         trainer = syncstep.Trainer(
             accelerator="cpu", enable_progress_bar=False, logger=[recorder], log_every_n_steps=1,
             default_root_dir=config.get("root", "."), **kwargs,

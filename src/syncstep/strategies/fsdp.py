@@ -178,6 +178,10 @@ class FSDP(ProcessPerDevice):
                 )
             root.log_context = runner.log_context
             self.runner = root
+            # What constructing DDP again does for ddp: every rank continues from rank 0's buffers.
+            self.buffers = [b for b in model.buffers() if b.numel()]
+            if self.buffers:
+                _broadcast_from_rank0(self.buffers)
             return
         params = list(model.parameters())
         if not params:
@@ -283,7 +287,8 @@ class FSDP(ProcessPerDevice):
                   for opt in optimizers for group in opt.param_groups for p in group["params"]}
         memory = sharded_memory(list(params.values()), self.world_size)
         units = ", ".join(self.units[:6]) + (f", ... ({len(self.units)} in all)" if len(self.units) > 6 else "")
-        how = [f"root + {len(self.units)} unit{'s' * (len(self.units) != 1)}" + (f" ({units})" if units else "")]
+        how = [f"root + {len(self.units)} unit{'s' * (len(self.units) != 1)}" + (f" ({units})" if units else "")
+               if self.runner is not None else "units chosen when fit sets the model up"]
         if self.checkpointed:
             how.append(f"activation checkpointing on {len(self.checkpointed)} module(s)")
         if self.precision == "bf16-mixed":
