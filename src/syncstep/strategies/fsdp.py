@@ -124,6 +124,22 @@ def pick_units(model: torch.nn.Module, policy: Any) -> list[tuple[str, torch.nn.
     return units
 
 
+def checkpoint_activations(model: torch.nn.Module, policy: Any) -> list[str]:
+    """Wrap the modules ``policy`` picks in torch's checkpoint_wrapper (non-reentrant); their names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    match = _matches(policy)
+    names = [clean_name(n) for n, m in model.named_modules() if m is not model and match(m)]
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, check_fn=lambda m: m is not model and match(m),
+                                   checkpoint_wrapper_fn=wrapper)
+    return names
+
+
 def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values into every rank's ``tensors``, one flat broadcast per dtype."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -197,20 +213,10 @@ class FSDP(ProcessPerDevice):
 
             warn_if_parameters_differ(model, device)
             # As DDP does at construction: every rank starts from rank 0's parameters and buffers.
-            _broadcast_from_rank0([t for t in (*params, *model.buffers())])
+            _broadcast_from_rank0([*params, *model.buffers()])
         options = self.options
         if options.activation_checkpointing_policy is not None:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                CheckpointImpl,
-                apply_activation_checkpointing,
-                checkpoint_wrapper,
-            )
-
-            match = _matches(options.activation_checkpointing_policy)
-            self.checkpointed = [clean_name(n) for n, m in model.named_modules() if m is not model and match(m)]
-            wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-            apply_activation_checkpointing(model, check_fn=lambda m: m is not model and match(m),
-                                           checkpoint_wrapper_fn=wrapper)
+            self.checkpointed = checkpoint_activations(model, options.activation_checkpointing_policy)
         kwargs: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),)),
                                   "reshard_after_forward": options.reshard_after_forward}
         if self.precision == "bf16-mixed":
