@@ -4,6 +4,7 @@ checkpointing at its default (one checkpoint at the end of the epoch, after the 
 
     python syncstep_train.py --workload w1 ...                  # one process
     python syncstep_train.py --workload w3 --devices 2 ...      # DDP: syncstep starts the 2 processes
+    python syncstep_train.py --workload w3 --devices 2 --strategy fsdp ...   # FSDP, each Linear a unit
 
 lr_scaling="none" only so that the losses can be compared with the other implementations at any
 world size; the scaling factor is applied for free (it multiplies the LR at step time either way).
@@ -11,6 +12,7 @@ world size; the scaling factor is applied for free (it multiplies the LR at step
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 import syncstep
@@ -41,13 +43,19 @@ def main() -> None:
     loader = DataLoader(dataset, batch_size=workload.batch_size, shuffle=False)
     clock = StepClock()
     model = MLP(workload, clock)
-    strategy = "ddp" if args.devices > 1 else "auto"
+    strategy = args.strategy if args.devices > 1 else "auto"
+    if strategy == "fsdp":
+        strategy = syncstep.FSDPStrategy(auto_wrap_policy={torch.nn.Linear})
     lean = dict(enable_progress_bar=False, logger=False, enable_checkpointing=False) if args.lean else {}
     trainer = syncstep.Trainer(max_epochs=1, accelerator="cpu", devices=args.devices, strategy=strategy,
                                lr_scaling="none", **lean)
     trainer.fit(model, loader)
+    net = model.net
+    if args.strategy == "fsdp" and args.devices > 1:  # the checksum needs whole parameters: gather them (every rank)
+        net = make_mlp(workload)
+        net.load_state_dict({k: v.full_tensor() for k, v in model.net.state_dict().items()})
     if trainer.is_global_zero:
-        clock.write(args.out, args, "syncstep", model.net, trainer.world_size)
+        clock.write(args.out, args, "syncstep", net, trainer.world_size)
 
 
 if __name__ == "__main__":

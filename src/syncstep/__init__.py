@@ -1,4 +1,4 @@
-"""syncstep: data-parallel training for PyTorch (one device, dp, ddp) with the LR arithmetic done right."""
+"""syncstep: data-parallel training for PyTorch (one device, dp, ddp, fsdp) with the LR arithmetic done right."""
 
 __version__ = "0.1.0"
 
@@ -7,9 +7,10 @@ from syncstep.datamodule import DataModule, LightningDataModule
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.module import Module
 from syncstep.rng import seed_everything
+from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.trainer import Trainer
 
 LightningModule = Module  # Lightning's name, so that `import syncstep as L` code reads unchanged
 
-__all__ = ["Callback", "DataModule", "LightningDataModule", "LightningModule", "Module", "NonFiniteLossError",
-           "Preempted", "Trainer", "__version__", "seed_everything"]
+__all__ = ["Callback", "DataModule", "FSDPStrategy", "LightningDataModule", "LightningModule", "Module",
+           "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]

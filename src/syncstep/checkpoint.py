@@ -6,6 +6,10 @@ leaves either the old file or the new one under the name, never a partial file.
 
 Reading: only ``torch.load(weights_only=True)``, which refuses any pickled Python object other than
 tensors and plain containers; there is no unsafe fallback. syncstep's own metadata is plain types.
+
+A sharded checkpoint (fsdp's ``state_dict_type="sharded"``) is a directory of the same name, written
+and read by ``sharded_checkpoint.py`` with the same guarantees; ``last.ckpt`` is then a symbolic link
+to it. Everything here that finds, links, removes or describes checkpoints takes both.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -70,11 +75,12 @@ def atomic_link(source: str, path: str) -> None:
     """Make ``path`` name the same file as ``source`` (a hard link, or a copy where links fail)."""
 
     def write(tmp: str) -> None:
+        if os.path.isdir(source):  # a sharded checkpoint: a relative link, so the folder can move
+            os.symlink(os.path.basename(source), tmp)
+            return
         try:
             os.link(source, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -93,13 +99,29 @@ def remove_stale_temporaries(directory: str) -> None:
         try:
             os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
-            os.remove(os.path.join(directory, name))
+            remove(os.path.join(directory, name))
         except PermissionError:
             pass  # someone else's live process
 
 
+def remove(path: str) -> None:
+    """Delete a checkpoint file, link, or sharded checkpoint directory."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def load(path: str) -> dict:
-    """Load a syncstep checkpoint safely (weights_only=True) or raise CheckpointError naming the file."""
+    """Load a syncstep checkpoint safely (weights_only=True) or raise CheckpointError naming the file.
+
+    For a sharded checkpoint (a directory), what loads is its run state, with the model's tensors as
+    shapes only (on the meta device); ``sharded_checkpoint.load`` puts the tensors into a model.
+    """
+    if os.path.isdir(path):
+        from syncstep.sharded_checkpoint import read_run_state
+
+        return read_run_state(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
@@ -203,7 +225,8 @@ def describe(path: str, checkpoint: dict, tensors: bool = False) -> str:
     numel = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     lines = [
         f"{path}",
-        f"  syncstep {meta.get('version')} (format {meta.get('format')}), {os.path.getsize(path):,} bytes",
+        f"  syncstep {meta.get('version')} (format {meta.get('format')}), {_size(path):,} bytes"
+        + (f", sharded: {checkpoint['sharded']['files']} shard file(s)" if "sharded" in checkpoint else ""),
         f"  epoch {loop.get('epoch')}, global step {loop.get('global_step')}, "
         f"{loop.get('epoch_sample')} samples into the epoch",
         f"  strategy {world.get('strategy')}, {world.get('num_processes')} process(es), world size "
@@ -220,3 +243,9 @@ def describe(path: str, checkpoint: dict, tensors: bool = False) -> str:
             if isinstance(value, torch.Tensor):
                 lines.append(f"    {name}: {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}")
     return "\n".join(lines)
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))

@@ -16,6 +16,7 @@ from typing import Any
 
 from syncstep.plan import LR_SCALING_RULES, check_warmup_arguments
 from syncstep.precision import PRECISIONS
+from syncstep.strategies.fsdp import FSDPStrategy
 
 # Names users bring from other trainers, Lightning 1.x and our own design note.
 ALIASES = {
@@ -53,8 +54,9 @@ class TrainerConfig:
     """"cpu", "gpu" / "cuda", or "auto" (a GPU if one is visible)."""
     devices: int | str | list[int] = "auto"
     """Devices on this node: an int, a list of GPU indices, or "auto"."""
-    strategy: str = "auto"
-    """"single", "dp", "ddp", "ddp_find_unused_parameters_true"; auto: single for one device, else ddp."""
+    strategy: str | FSDPStrategy = "auto"
+    """"single", "dp", "ddp", "ddp_find_unused_parameters_true", "fsdp", or ``syncstep.FSDPStrategy(...)``
+    (fsdp with options); auto: single for one device, else ddp."""
     num_nodes: int = 1
     """Machines; must match what torchrun or SLURM started."""
     precision: str | int = "32"
@@ -152,6 +154,15 @@ class TrainerConfig:
         if self.max_epochs is None and self.max_steps == -1:
             set_(self, "max_epochs", DEFAULT_MAX_EPOCHS)
             set_(self, "max_epochs_defaulted", True)
+        if not isinstance(self.strategy, (str, FSDPStrategy)):
+            got = self.strategy
+            hint = (" Pass an instance: strategy=FSDPStrategy()." if got is FSDPStrategy else
+                    " syncstep's other strategies are chosen by name, e.g. strategy='ddp'." if hasattr(got, "setup")
+                    else "")
+            raise TypeError(
+                "strategy must be a name ('auto', 'single', 'dp', 'ddp', 'fsdp', ...) or syncstep.FSDPStrategy(...), "
+                f"got {got!r}.{hint}"
+            )
         _positive_int("num_nodes", self.num_nodes, allow_none=False)
         for name in ("accumulate_grad_batches", "global_batch_size", "reference_batch_size",
                      "check_val_every_n_epoch", "ckpt_every_n_epochs", "ckpt_every_n_steps"):

@@ -333,21 +333,29 @@ class EvalData:
 
     ``limit`` (``limit_val_batches`` and the like) keeps the leading samples of the dataset, so that
     each replica evaluates at most that many batches and the samples are still counted once.
+
+    Where a forward is a collective (fsdp gathers parameters in it), every rank runs the same number
+    of steps: a rank whose shard has run out reruns its last batch with count 0, which the logged
+    values weigh as nothing (as a training step's weight-0 batch).
     """
 
     def __init__(self, loader: Any, strategy: Any, distributed_sampler: bool, limit: int | float | None = None) -> None:
         self.replicas = strategy.replicas
+        self.lockstep = strategy.forward_is_collective
+        self.loader = loader
         if not distributed_sampler:
-            self.loader, self.samplers = loader, None
+            self.samplers = None
             self.num_steps = limit_samples(len(loader), 1, 1, limit)  # batches of the loader as it is
-            return
-        info = inspect_loader(loader, "evaluation dataloader")
-        if info.custom_sampler is not None:
-            raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
-        n = limit_samples(len(info.dataset), info.batch_size, strategy.world_size, limit)
-        self.samplers = [EvalBatchSampler(n, info.batch_size, strategy.world_size, r) for r in self.replicas]
-        self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
-        self.num_steps = max(len(s) for s in self.samplers)
+        else:
+            info = inspect_loader(loader, "evaluation dataloader")
+            if info.custom_sampler is not None:
+                raise ValueError("evaluation loaders must not use a custom sampler: every sample is evaluated once.")
+            n = limit_samples(len(info.dataset), info.batch_size, strategy.world_size, limit)
+            self.samplers = [EvalBatchSampler(n, info.batch_size, strategy.world_size, r) for r in self.replicas]
+            self.loaders = [rebuild_loader(loader, s) for s in self.samplers]
+            self.num_steps = max(len(s) for s in self.samplers)
+        if self.lockstep:
+            self.num_steps = max(strategy.all_gather_object(self.num_steps))
 
     def batch_indices(self, step: int) -> list[list[int] | None]:
         """The dataset indices of each of this process's replicas' batch at ``step`` (None: not known)."""
@@ -357,6 +365,20 @@ class EvalData:
                 if step * s.batch_size < len(s.indices)]
 
     def __iter__(self) -> Iterator[list[tuple[int, Any]]]:
+        if not self.lockstep:
+            yield from self._own_steps()
+            return
+        steps, last = self._own_steps(), None
+        for _ in range(self.num_steps):
+            group = next(steps, None)
+            if group:
+                last = group
+                yield group
+            else:  # this rank's shard is done (or empty): a batch of weight 0 joins the others' forward
+                last = last or [(0, next(iter(self.loader)))]
+                yield [(0, batch) for _, batch in last]
+
+    def _own_steps(self) -> Iterator[list[tuple[int, Any]]]:
         if self.samplers is None:
             batches = iter(self.loader)
             for _ in range(self.num_steps):

@@ -9,9 +9,9 @@ SIGTERM at the same step. With ``on_nonfinite_loss="skip"`` the ranks agree on e
 (``skip_step``), and skip such steps together.
 
 Reading the losses together costs one device sync per agreement, not one per step, on a GPU; on the
-CPU it costs the loop a list append per micro-batch. The losses are kept as they are, not detached:
-after ``backward()`` their graph has released its buffers, so keeping them holds only the graph's
-small node objects until the next agreement.
+CPU it costs the loop a detach and a list append per micro-batch. The losses are kept detached: a
+loss kept with its graph holds whatever the graph's nodes reference until the next agreement, which
+under fsdp is the all-gathered parameters of every unit: a whole model per kept micro-batch.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Guards:
         losses = self.losses
         if not losses:
             return None
-        try:  # (the stack joins the losses' graphs; it is dropped at once and never differentiated)
+        try:
             finite = torch.stack([x for _, x in losses]).isfinite().reshape(-1)
         except RuntimeError:  # losses of different shapes ((), (1,)) or devices
             finite = torch.stack([x.float().reshape(()).cpu() for _, x in losses]).isfinite()

@@ -55,6 +55,7 @@ class FitPlan:
 def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_object: Any) -> FitPlan:
     """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
     optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
+    check_optimizer_parameters(model, optimizers)
     train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
     batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
                        config.global_batch_size, config.reference_batch_size)
@@ -71,10 +72,25 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
                    total)
 
 
+def check_optimizer_parameters(model: Module, optimizers: list) -> None:
+    """Every parameter an optimizer steps must be one of the model's, as the strategy left them."""
+    own = {id(p) for p in model.parameters()}
+    for i, opt in enumerate(optimizers):
+        foreign = sum(id(p) not in own for group in opt.param_groups for p in group["params"])
+        if foreign:
+            raise ValueError(
+                f"optimizer {i} ({type(opt).__name__}) holds {foreign} tensor(s) that are not parameters of the "
+                "model. Build the optimizer inside configure_optimizers, from self.parameters(): the strategy "
+                "sets the model up first, and strategy='fsdp' replaces every parameter with its shard, so an "
+                "optimizer made earlier (in __init__, say) would step the old, unsharded tensors and train nothing."
+            )
+
+
 def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
                    num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
-                   total_steps=plan.total_steps, requested_rule=config.lr_scaling)
+                   total_steps=plan.total_steps, requested_rule=config.lr_scaling,
+                   extra=strategy.summary_lines(plan.optimizers))
 
 
 def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
@@ -262,7 +278,9 @@ class FitLoop:
                     if batch_hooks:
                         hooks.call("on_before_backward", loss)
                     (loss if scaler is None else scaler.scale(loss)).backward()
-                    losses.append((state.global_step, loss))
+                    # Detached: kept with its graph, a loss would keep what the graph references until the
+                    # next agreement; under fsdp, every unit's all-gathered parameters (guards.py).
+                    losses.append((state.global_step, loss.detach()))
                     if batch_hooks:
                         hooks.call("on_after_backward")
                         batch_end = ({"loss": loss.detach() / (sum(weights) or 1.0)}, batch, batch_idx)

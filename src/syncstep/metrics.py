@@ -84,7 +84,9 @@ class LogStore:
                 self._log_metric(name, value, on_step, on_epoch, prog_bar, logger)
                 return
             value = _scalar(name, value)
-        weight = context.count if batch_size is None else batch_size
+        # A batch of count 0 is one a rank reruns only to join the others' collectives: it weighs nothing,
+        # whatever batch_size says.
+        weight = context.count if batch_size is None or not context.count else batch_size
         # A step value lives until the next step begins, read (.item()) only on logging steps: it is kept
         # as it is. An epoch value is kept all epoch: detached, so that it holds no autograd graph.
         if on_step and not on_epoch:

@@ -60,6 +60,16 @@ class Module(HyperparametersMixin, torch.nn.Module):
             "torch.optim.SGD(self.parameters(), lr=0.1)."
         )
 
+    def configure_model(self) -> None:
+        """Build or shard layers here (Lightning's hook); by default nothing.
+
+        Called on every rank at the start of every fit / validate / test, before the strategy moves
+        and wraps the model: so make it idempotent (skip layers that exist already). Under
+        ``strategy="fsdp"``, the modules you pass to ``torch.distributed.fsdp.fully_shard`` here are
+        the sharding (syncstep then only adds the root); if you call nothing, ``auto_wrap_policy``
+        decides. The optimizer is built afterwards (configure_optimizers), over what this made.
+        """
+
     def train_dataloader(self) -> Any:
         return None
 
@@ -83,7 +93,6 @@ class Module(HyperparametersMixin, torch.nn.Module):
     def prepare_data(self) -> None: ...
     def setup(self, stage: str) -> None: ...
     def teardown(self, stage: str) -> None: ...
-    def configure_model(self) -> None: ...
     def configure_callbacks(self) -> Any:
         return []
     def on_fit_start(self) -> None: ...

@@ -283,8 +283,9 @@ def summary(
     steps_per_epoch: int,
     total_steps: int,
     requested_rule: str,
+    extra: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """The start-up block printed once on rank 0."""
+    """The start-up block printed once on rank 0; ``extra``: the strategy's own lines (fsdp's sharding)."""
     b = batch
     lines = [
         f"syncstep: strategy={strategy} accelerator={accelerator} world size {b.world_size} "
@@ -293,6 +294,7 @@ def summary(
         f"accumulation = global batch {b.global_batch_size} (reference {b.reference_batch_size}, "
         f"k = {_fmt(b.k)})",
         f"  schedule: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all",
+        *extra,
     ]
     for o in lr.optimizers:
         how = f"{o.rule} (lr_scaling={requested_rule})" if requested_rule == "auto" else o.rule

@@ -1,9 +1,12 @@
 """Run state in and out of checkpoints: what is saved, when a save runs, finding one, and resuming.
 
 ``checkpoint.py`` keeps the file format (atomic writes, safe loads); this module decides what a
-checkpoint of a fit holds and puts it back. A checkpoint is written on rank 0 after every rank has
-agreed on the guards (a NaN found since the last agreement stops the run before it is saved) and
-gathered its RNG state; the other ranks wait at a barrier.
+checkpoint of a fit holds and puts it back. A checkpoint is written after every rank has agreed on
+the guards (a NaN found since the last agreement stops the run before it is saved) and gathered its
+RNG state. The model's and optimizers' state come from the strategy (``gather_state``: fsdp gathers
+its shards to rank 0), and rank 0 writes the one file while the other ranks wait at a barrier; or,
+with fsdp's ``state_dict_type="sharded"``, every rank writes its own shards into a checkpoint
+directory (``sharded_checkpoint.py``). Either format loads into any strategy at any world size.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from syncstep import checkpoint as ckpt
+from syncstep import sharded_checkpoint
 from syncstep.rng import rng_state, set_rng_state
 
 
@@ -35,6 +39,38 @@ def find_checkpoint(directory: str, ckpt_path: str, print_fn: Callable[..., None
     return path, state
 
 
+def load_weights(strategy: Any, model: Any, optimizers: list, path: str, state: dict) -> None:
+    """The checkpoint's model state (and, if ``optimizers`` are given, theirs) into the running model,
+    whichever format the checkpoint has and however the strategy holds the model."""
+    if len(state["optimizer_states"]) < len(optimizers):
+        raise ckpt.CheckpointError(
+            f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
+            f"returned {len(optimizers)}."
+        )
+    if sharded_checkpoint.is_sharded(state):
+        sharded_checkpoint.load(model, optimizers, path, state)
+    else:
+        strategy.load_state(model, optimizers, state["state_dict"], state["optimizer_states"][:len(optimizers)])
+
+
+def meta_state(model: Any) -> dict[str, Any]:
+    """What any syncstep checkpoint holds besides tensors: the format and the saved hyperparameters."""
+    from syncstep import __version__
+
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    ckpt.check_plain(hparams, "the saved hyperparameters")
+    return {"syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION}, "hyper_parameters": hparams}
+
+
+def save_weights(trainer: Any, model: Any, path: str) -> None:
+    """Weights and hyperparameters only (``trainer.save_checkpoint`` outside a fit); every rank calls it."""
+    state = meta_state(model)
+    state["state_dict"], _ = trainer.strategy.gather_state(model, [])
+    if trainer.is_global_zero:
+        ckpt.atomic_save(state, os.path.abspath(path))
+    trainer.strategy.barrier()
+
+
 def restart_checkpoint(ckpt_path: str | None, enable_checkpointing: bool, print_fn: Callable[..., None]) -> str | None:
     """Under ``torchrun --max-restarts``, a restarted job carries on from its last checkpoint."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -44,26 +80,9 @@ def restart_checkpoint(ckpt_path: str | None, enable_checkpointing: bool, print_
     return ckpt_path
 
 
-def weights_state(model: Any) -> dict[str, Any]:
-    """What any syncstep checkpoint holds: the format, the weights and the saved hyperparameters."""
-    from syncstep import __version__
-
-    hparams = dict(getattr(model, "hparams", {}) or {})
-    ckpt.check_plain(hparams, "the saved hyperparameters")
-    return {"syncstep": {"version": __version__, "format": ckpt.FORMAT_VERSION},
-            "state_dict": ckpt.strip_prefixes(model.state_dict()), "hyper_parameters": hparams}
-
-
-def save_weights(trainer: Any, model: Any, path: str) -> None:
-    """Weights and hyperparameters only (``trainer.save_checkpoint`` outside a fit); every rank calls it."""
-    state = weights_state(model)
-    if trainer.is_global_zero:
-        ckpt.atomic_save(state, os.path.abspath(path))
-    trainer.strategy.barrier()
-
-
 class Checkpointer:
-    """Saves and restores one fit: the model, the optimizer step's state, the run state, data and RNG."""
+    """Saves and restores one fit: the model, the optimizer step's state, the run state, data and RNG,
+    the callbacks' state and what on_save_checkpoint adds."""
 
     def __init__(self, *, trainer: Any, model: Any, stepper: Any, train_data: Any, hyperparams: dict,
                  manual: Any = None) -> None:
@@ -73,39 +92,57 @@ class Checkpointer:
         self.directory = self.config.checkpoint_dir
         self.epoch_finished = False  # set by the loop once an epoch's end (schedulers included) is done
 
-    def save_to(self, path: str, weights_only: bool = False) -> None:
-        """``trainer.save_checkpoint(path)``: the run's state (or only the weights) at ``path``; every rank
-        calls it, rank 0 writes it atomically."""
-        state = weights_state(self.model) if weights_only else self._state(self.epoch_finished)
-        if self.strategy.global_rank == 0:
-            ckpt.atomic_save(state, os.path.abspath(path))
-        self.strategy.barrier()
-
     def save(self, guards: Any, epoch_finished: bool) -> None:
         """Write ``epoch=E-step=S.ckpt`` and point ``last.ckpt`` at it (every rank calls this)."""
         if not self.config.enable_checkpointing:
             return
         guards.agree()
-        state = self._state(epoch_finished)
+        name = f"epoch={self.state.current_epoch}-step={self.state.global_step}.ckpt"
+        path = os.path.join(self.directory, name)
         if self.strategy.global_rank == 0:
-            name = f"epoch={self.state.current_epoch}-step={self.state.global_step}.ckpt"
-            path = os.path.join(self.directory, name)
             ckpt.remove_stale_temporaries(self.directory)
-            ckpt.atomic_save(state, path)
+        self._write(self._run_state(epoch_finished), path)
+        if self.strategy.global_rank == 0:
             ckpt.atomic_link(path, os.path.join(self.directory, ckpt.LAST))
             for old in ckpt.step_checkpoints(self.directory)[self.config.keep_last:]:
-                os.remove(old)
+                ckpt.remove(old)
         self.strategy.barrier()
 
-    def _state(self, epoch_finished: bool) -> dict[str, Any]:
+    def save_to(self, path: str, weights_only: bool = False) -> None:
+        """``trainer.save_checkpoint(path)``: the run's state (or only the weights) at ``path``; every rank
+        calls it (ModelCheckpoint does so on every rank)."""
+        path = os.path.abspath(path)
+        if weights_only:
+            state = meta_state(self.model)
+            state["state_dict"], _ = self.strategy.gather_state(self.model, [])
+            if self.strategy.global_rank == 0:
+                ckpt.atomic_save(state, path)
+        else:
+            self._write(self._run_state(self.epoch_finished), path)
+        self.strategy.barrier()
+
+    def _write(self, state: dict[str, Any], path: str) -> None:
+        """The model's and optimizers' tensors added to ``state`` and written: one file from rank 0, or every
+        rank's shards (fsdp's state_dict_type="sharded")."""
+        strategy, optimizers = self.strategy, self.stepper.optimizers
+        if strategy.state_dict_type == "sharded":
+            sharded_checkpoint.save(strategy, self.model, optimizers, state, path)
+        else:
+            state["state_dict"], state["optimizer_states"] = strategy.gather_state(self.model, optimizers)
+            if strategy.global_rank == 0:
+                ckpt.atomic_save(state, path)
+
+    def _run_state(self, epoch_finished: bool) -> dict[str, Any]:
+        """Everything a checkpoint holds but the model's and optimizers' tensors."""
         rng = self.strategy.all_gather_object(rng_state())
         step_state = self.stepper.state_dict()
         for i, state in enumerate(step_state["lr_schedulers"]):
             scheduler = self.stepper.scheduler_configs[i].scheduler
             ckpt.check_plain(state, f"lr scheduler {i} ({type(scheduler).__name__})")
         hooks = self.trainer.hooks
+        step_state.pop("optimizer_states", None)
         checkpoint = {
-            **weights_state(self.model),
+            **meta_state(self.model),
             **step_state,
             "loop": self.state.state_dict(epoch_finished),
             "world": {"strategy": self.strategy.name, "num_processes": self.strategy.num_processes,
@@ -119,7 +156,7 @@ class Checkpointer:
         if self.trainer.datamodule is not None:
             checkpoint["datamodule"] = self.trainer.datamodule.state_dict()
         hooks.on_save_checkpoint(checkpoint)
-        ckpt.check_plain({k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "rng")},
+        ckpt.check_plain({k: v for k, v in checkpoint.items() if k != "rng"},
                          "the checkpoint (callbacks' state_dict, on_save_checkpoint additions)")
         return checkpoint
 
@@ -128,20 +165,18 @@ class Checkpointer:
         path, state = find_checkpoint(self.directory, ckpt_path, self.trainer.print)
         if state is None:
             return 0, 0
-        self.model.load_state_dict(state["state_dict"])
-        self.trainer.hooks.on_load_checkpoint(state)
-        if self.manual is not None:
-            self.manual.load_state_dict(state)
-        if self.trainer.datamodule is not None and state.get("datamodule"):
-            self.trainer.datamodule.load_state_dict(state["datamodule"])
         optimizers = self.stepper.optimizers
         if len(state["optimizer_states"]) != len(optimizers):
             raise ckpt.CheckpointError(
                 f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
                 f"returned {len(optimizers)}."
             )
-        for opt, opt_state in zip(optimizers, state["optimizer_states"]):
-            opt.load_state_dict(opt_state)
+        load_weights(self.strategy, self.model, optimizers, path, state)
+        self.trainer.hooks.on_load_checkpoint(state)
+        if self.manual is not None:
+            self.manual.load_state_dict(state)
+        if self.trainer.datamodule is not None and state.get("datamodule"):
+            self.trainer.datamodule.load_state_dict(state["datamodule"])
         for config, sched_state in zip(self.stepper.scheduler_configs, state["lr_schedulers"]):
             config.scheduler.load_state_dict(sched_state)
         if self.stepper.scaler is not None and state.get("grad_scaler"):

@@ -102,9 +102,9 @@ class OptimizerStep:
         return lr_values(self.lr_names, self.optimizers, self.multipliers)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs of the step: the optimizers', schedulers' and scaler's states."""
-        return {"optimizer_states": [opt.state_dict() for opt in self.optimizers],
-                "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
+        """What a checkpoint needs of the step besides the optimizers (whose state the strategy gathers,
+        as it may be sharded): the schedulers' and the scaler's states."""
+        return {"lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
 
@@ -164,7 +164,7 @@ class ManualOptimization:
         self.epoch = 0
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        self.guards.losses.append((self.state.global_step, loss))
+        self.guards.losses.append((self.state.global_step, loss.detach()))
         self.hooks.call("on_before_backward", loss)
         self.strategy.prepare_for_manual_backward(loss)
         weighted = loss if self.weight == 1.0 else loss * self.weight

@@ -30,7 +30,7 @@ from syncstep.metrics import Metrics
 from syncstep.module import Module
 from syncstep.optim import simulate_lrs
 from syncstep.predict import predict
-from syncstep.resume import find_checkpoint, restart_checkpoint
+from syncstep.resume import find_checkpoint, load_weights, restart_checkpoint
 from syncstep.rng import seed_everything, set_determinism
 from syncstep.stages import (
     checkpoint_path,
@@ -43,13 +43,14 @@ from syncstep.stages import (
 from syncstep.state import RunState
 from syncstep.step import ManualOptimization, lr_values
 from syncstep.strategies.common import StepRunner
+from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.strategies.select import select_strategy
 
 __all__ = ["NonFiniteLossError", "Preempted", "Trainer"]
 
 
 class Trainer:
-    """Train a :class:`syncstep.Module` on one device, with ``strategy="dp"`` or ``strategy="ddp"``.
+    """Train a :class:`syncstep.Module` on one device, or with ``strategy="dp"``, ``"ddp"`` or ``"fsdp"``.
 
     The DataLoader's ``batch_size`` is the per-device batch for every strategy; the global batch is
     per-device batch x devices x num_nodes x accumulate_grad_batches, and the learning rate is scaled
@@ -65,7 +66,7 @@ class Trainer:
         max_steps: int = -1,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
-        strategy: str = "auto",
+        strategy: str | FSDPStrategy = "auto",
         num_nodes: int = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
@@ -407,7 +408,7 @@ class Trainer:
             return
         path, state = find_checkpoint(self.checkpoint_dir, checkpoint_path(self, ckpt_path), self.print)
         if state is not None:
-            model.load_state_dict(state["state_dict"])
+            load_weights(self.strategy, model, [], path, state)
             self.print(f"syncstep: {stage} with the weights of {path}")
 
     def _log_values(self, values: dict[str, float]) -> None:
@@ -456,10 +457,9 @@ class Trainer:
         self.state.stage = stage
         try:
             self.hooks.setup(stage)
-            if stage == "fit":
-                model.configure_model()
-                if self.config.sync_batchnorm and strategy.num_processes > 1:
-                    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.configure_model()  # before the strategy moves and wraps (fsdp: shards) the model
+            if stage == "fit" and self.config.sync_batchnorm and strategy.num_processes > 1:
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             strategy.setup(StepRunner(model, self._logs.context))
             yield
         except BaseException as error:

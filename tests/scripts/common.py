@@ -40,6 +40,8 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     raise ValueError(name)
 
 
@@ -60,6 +62,9 @@ class Tiny(syncstep.Module):
         restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and fail.get("first_attempt_only")
         here = fail and self.global_rank == fail.get("rank", 0) and self.global_step == fail.get("step", 0)
         if here and not restarted:
+            if fail.get("marker"):  # when the fault happens (time.monotonic is one clock for all processes)
+                with open(fail["marker"], "w") as f:
+                    f.write(repr(time.monotonic()))
             if fail["kind"] == "raise":
                 raise RuntimeError(f"injected failure at step {self.global_step}")
             if fail["kind"] == "kill":

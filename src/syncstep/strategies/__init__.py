@@ -1,11 +1,12 @@
-"""Strategies: what differs between one device, DP and DDP, and nothing else.
+"""Strategies: what differs between one device, DP, DDP and FSDP, and nothing else.
 
 A strategy owns where this process computes (``devices``), which replicas of the data it feeds
 (``replicas``, out of ``world_size``), whether processes must be started (``launch``) and a process
 group joined (``setup_environment``), how it wraps the model, how it runs one step's batches and
-combines their losses, whether to sync gradients on this backward, and the collectives, which put a
-tensor where the backend needs it and are the identity in one process. So the loop never asks which
-strategy it runs, and has one code path at any world size.
+combines their losses, whether to sync gradients on this backward, the collectives, which put a
+tensor where the backend needs it and are the identity in one process, and the model's and
+optimizers' state as one process would hold it (fsdp gathers its shards). So the loop never asks
+which strategy it runs, and has one code path at any world size.
 
 To add a strategy: a class with the members of :class:`Strategy`, and an entry in ``STRATEGIES``.
 """
@@ -21,6 +22,7 @@ import torch
 from syncstep.strategies.common import StepRunner
 from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.dp import DataParallelStrategy
+from syncstep.strategies.fsdp import FSDP, FSDPStrategy
 from syncstep.strategies.single import SingleDeviceStrategy
 
 T = TypeVar("T")
@@ -37,6 +39,8 @@ class Strategy(Protocol):
     global_rank: int
     local_rank: int
     gradient_averaging: int  # processes whose gradients are averaged (DDP's world size, else 1)
+    state_dict_type: str  # "full" (one checkpoint file, every tensor whole) or "sharded" (fsdp's option)
+    forward_is_collective: bool  # every rank must run every forward (fsdp): evaluation pads ranks
 
     def launch(self) -> None:
         """Start the processes this strategy needs, if nothing else did (never returns in the parent)."""
@@ -77,12 +81,24 @@ class Strategy(Protocol):
 
     def teardown(self) -> None: ...
 
+    def gather_state(self, model: torch.nn.Module, optimizers: list) -> tuple[dict, list[dict]]:
+        """The model's state dict and each optimizer's, as one process would hold them (every tensor
+        whole, optimizer states keyed by position); at least on rank 0. Every rank calls it."""
+
+    def load_state(self, model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
+        """The inverse of ``gather_state``, on every rank (each has read the whole state)."""
+
+    def summary_lines(self, optimizers: list) -> list[str]:
+        """What the start-up summary adds for this strategy (fsdp: the sharding and memory per device)."""
+
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "single": SingleDeviceStrategy,
     "dp": DataParallelStrategy,
     "ddp": DDPStrategy,
     "ddp_find_unused_parameters_true": functools.partial(DDPStrategy, find_unused_parameters=True),
+    "fsdp": FSDP,  # options: an FSDPStrategy (select.py passes the user's, or the defaults)
 }
 
-__all__ = ["STRATEGIES", "Strategy", "DDPStrategy", "DataParallelStrategy", "SingleDeviceStrategy"]
+__all__ = ["FSDP", "STRATEGIES", "Strategy", "DDPStrategy", "DataParallelStrategy", "FSDPStrategy",
+           "SingleDeviceStrategy"]

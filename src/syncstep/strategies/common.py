@@ -1,12 +1,22 @@
-"""Pieces every strategy uses: moving a batch, and a module whose forward runs the user's step."""
+"""Pieces the strategies share: moving a batch, a module whose forward runs the user's step, what the
+one-process strategies share (``OneProcess``) and what the process-per-device ones share
+(``ProcessPerDevice``: launching, the process group, the collectives)."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+
+from syncstep.checkpoint import strip_prefixes
+from syncstep.launch import Environment, can_self_launch, init_process_group, self_launch
+
+T = TypeVar("T")
 
 _HOOKS = {"train": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -19,6 +29,8 @@ def takes_batch_idx(module: torch.nn.Module, hook: str) -> bool:
         return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -95,6 +107,8 @@ class OneProcess:
     num_processes = 1
     global_rank = 0
     local_rank = 0
+    state_dict_type = "full"
+    forward_is_collective = False
 
     @property
     def root_device(self) -> torch.device:
@@ -122,8 +136,128 @@ class OneProcess:
     def barrier(self) -> None:
         pass
 
+    def gather_state(self, model: torch.nn.Module, optimizers: list) -> tuple[dict, list[dict]]:
+        return plain_state(model, optimizers)
+
+    def load_state(self, model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
+        load_plain_state(model, optimizers, model_state, optimizer_states)
+
+    def summary_lines(self, optimizers: list) -> list[str]:
+        return []
+
     def all_gather(self, data: Any) -> Any:
         return data  # one process: Lightning returns the data as it is, with no world dimension
 
     def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
         pass
+
+
+def plain_state(model: torch.nn.Module, optimizers: list) -> tuple[dict, list[dict]]:
+    """The model's and optimizers' state dicts as they are (every tensor whole in every process)."""
+    return strip_prefixes(model.state_dict()), [opt.state_dict() for opt in optimizers]
+
+
+def load_plain_state(model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, optimizer_states):
+        opt.load_state_dict(state)
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class ProcessPerDevice:
+    """What ddp and fsdp share: one process per device, started by a launcher or by ``launch`` itself,
+    a process group, and collectives that put a tensor where the backend needs it."""
+
+    name: str
+    state_dict_type = "full"  # what a checkpoint holds: every tensor whole ("sharded": fsdp's option)
+    forward_is_collective = False  # whether every forward must run on every rank (fsdp's all-gathers)
+
+    def __init__(self, *, accelerator: str, device_ids: list[int] | None, num_devices: int, num_nodes: int,
+                 env: Environment, timeout: timedelta, **_: Any) -> None:
+        self.env, self.timeout = env, timeout
+        self.num_devices = num_devices
+        launched = env.source != "local"
+        self.global_rank, self.local_rank = env.global_rank, env.local_rank
+        cuda = accelerator != "cpu"
+        self.devices = [torch.device("cuda", device_ids[self.local_rank]) if cuda else torch.device("cpu")]
+        # The k of the global batch, known before any process starts (a launcher's world is checked
+        # against it in strategies/select.py); the processes are the replicas.
+        self.world_size = num_devices * num_nodes
+        self.num_processes = env.world_size if launched else 1
+        self.gradient_averaging = self.world_size
+        self.replicas = [self.global_rank]
+        # NCCL only reduces tensors on the GPU; gloo takes CPU tensors.
+        self.collective_device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def root_device(self) -> torch.device:
+        return self.devices[0]
+
+    def launch(self) -> None:
+        """From a plain ``python train.py`` with devices > 1, start the processes (this one never returns)."""
+        if self.env.source != "local" or self.num_devices == 1:
+            return  # already launched, or one process: a world of one
+        why = can_self_launch()
+        if why:
+            raise ValueError(
+                f"strategy={self.name!r} with devices={self.num_devices} needs {self.num_devices} processes (one "
+                f"per device), and syncstep cannot start them itself because {why}. Run the script with python, "
+                f"or with torchrun --nproc-per-node={self.num_devices} script.py."
+            )
+        self_launch(self.num_devices)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        init_process_group(self.env, self.root_device, self.timeout)
+        if not dist.is_initialized():  # pragma: no cover - init_process_group raises instead
+            raise RuntimeError("the process group did not start")
+
+    def _move(self, batch: Any) -> Any:
+        return batch if self.devices[0].type == "cpu" else move_to_device(batch, self.devices[0])
+
+    # -- collectives: every rank calls them, in the same order --------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum / max / min over the processes; the result is on ``tensor``'s device (in place if it can)."""
+        if not dist.is_initialized():
+            return tensor
+        moved = tensor.to(self.collective_device)
+        dist.all_reduce(moved, op=_OPS[op])
+        return moved if moved.device == tensor.device else moved.to(tensor.device)
+
+    def broadcast_object(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, sent to every rank (``make`` runs nowhere else)."""
+        if not dist.is_initialized():
+            return make()
+        box: list[Any] = [make() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        if not dist.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_gather(self, data: Any) -> Any:
+        """Every rank's tensors stacked along a new first dimension (on the collective device and back)."""
+        if not dist.is_initialized():
+            return data
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            local = tensor.detach().to(self.collective_device).contiguous()
+            out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(out, local)
+            return torch.stack(out).to(tensor.device)
+
+        return apply_to_tensors(data, gather)
+
+    def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
+        pass  # (DDP's reducer needs it; fsdp's hooks do not)

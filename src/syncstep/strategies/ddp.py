@@ -1,7 +1,8 @@
 """Distributed Data Parallel: one process per device, gradients averaged by all-reduce.
 
 The strategy starts the processes when nothing else did (``launch``), joins the process group
-(``setup_environment``, through ``syncstep.launch``), and owns the collectives. It wraps the model in
+(``setup_environment``, through ``syncstep.launch``), and owns the collectives (all three shared with
+fsdp in ``common.ProcessPerDevice``). It wraps the model in
 ``torch.nn.parallel.DistributedDataParallel`` and runs the training step through it, so that DDP's
 hooks all-reduce the gradients during backward.
 """
@@ -9,70 +10,25 @@ hooks all-reduce the gradients during backward.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from datetime import timedelta
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from syncstep.launch import Environment, can_self_launch, init_process_group, self_launch
-from syncstep.strategies.common import StepRunner, apply_to_tensors, extract_loss, move_to_device
-
-T = TypeVar("T")
+from syncstep.strategies.common import ProcessPerDevice, StepRunner, extract_loss, load_plain_state, plain_state
 
 
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-class DDPStrategy:
+class DDPStrategy(ProcessPerDevice):
     name = "ddp"
 
-    def __init__(self, *, accelerator: str, device_ids: list[int] | None, num_devices: int, num_nodes: int,
-                 env: Environment, timeout: timedelta, find_unused_parameters: bool = False, **_: Any) -> None:
-        self.env, self.timeout = env, timeout
-        self.num_devices = num_devices
-        launched = env.source != "local"
-        self.global_rank, self.local_rank = env.global_rank, env.local_rank
-        cuda = accelerator != "cpu"
-        self.devices = [torch.device("cuda", device_ids[self.local_rank]) if cuda else torch.device("cpu")]
+    def __init__(self, *, find_unused_parameters: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.find_unused_parameters = find_unused_parameters
         self.name = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
-        # The k of the global batch, known before any process starts (a launcher's world is checked
-        # against it in strategies/select.py); the processes are the replicas.
-        self.world_size = num_devices * num_nodes
-        self.num_processes = env.world_size if launched else 1
-        self.gradient_averaging = self.world_size
-        self.replicas = [self.global_rank]
-        # NCCL only reduces tensors on the GPU; gloo takes CPU tensors.
-        self.collective_device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
         self.runner: StepRunner | None = None
         self.ddp: DistributedDataParallel | None = None
-
-    @property
-    def root_device(self) -> torch.device:
-        return self.devices[0]
-
-    def launch(self) -> None:
-        """From a plain ``python train.py`` with devices > 1, start the processes (this one never returns)."""
-        if self.env.source != "local" or self.num_devices == 1:
-            return  # already launched, or one process: DDP with a world of one
-        why = can_self_launch()
-        if why:
-            raise ValueError(
-                f"strategy='ddp' with devices={self.num_devices} needs {self.num_devices} processes, and syncstep "
-                f"cannot start them itself because {why}. Run the script with python, or with "
-                f"torchrun --nproc-per-node={self.num_devices} script.py."
-            )
-        self_launch(self.num_devices)
-
-    def setup_environment(self) -> None:
-        if self.root_device.type == "cuda":
-            torch.cuda.set_device(self.root_device)
-        init_process_group(self.env, self.root_device, self.timeout)
-        if not dist.is_initialized():  # pragma: no cover - init_process_group raises instead
-            raise RuntimeError("the process group did not start")
 
     def setup(self, runner: StepRunner) -> None:
         device = self.root_device
@@ -85,9 +41,6 @@ class DDPStrategy:
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
         )
-
-    def _move(self, batch: Any) -> Any:
-        return batch if self.devices[0].type == "cpu" else move_to_device(batch, self.devices[0])
 
     def sync_gradients(self, enabled: bool) -> None:
         # Same effect as ddp.no_sync() on the micro-batches before the last one, without a context
@@ -122,55 +75,23 @@ class DDPStrategy:
         ddp.reducer._rebuild_buckets()
         ddp.reducer.prepare_for_backward(outputs)
 
-    # -- collectives: every rank calls them, in the same order --------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum / max / min over the processes; the result is on ``tensor``'s device (in place if it can)."""
-        if not dist.is_initialized():
-            return tensor
-        moved = tensor.to(self.collective_device)
-        dist.all_reduce(moved, op=_OPS[op])
-        return moved if moved.device == tensor.device else moved.to(tensor.device)
+    def gather_state(self, model: torch.nn.Module, optimizers: list) -> tuple[dict, list[dict]]:
+        return plain_state(model, optimizers)
 
-    def broadcast_object(self, make: Callable[[], T]) -> T:
-        """``make()`` on rank 0, sent to every rank (``make`` runs nowhere else)."""
-        if not dist.is_initialized():
-            return make()
-        box: list[Any] = [make() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def load_state(self, model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
+        load_plain_state(model, optimizers, model_state, optimizer_states)
 
-    def all_gather_object(self, obj: T) -> list[T]:
-        if not dist.is_initialized():
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    def all_gather(self, data: Any) -> Any:
-        """Every rank's tensors stacked along a new first dimension (on the collective device and back)."""
-        if not dist.is_initialized():
-            return data
-
-        def gather(tensor: torch.Tensor) -> torch.Tensor:
-            local = tensor.detach().to(self.collective_device).contiguous()
-            out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-            dist.all_gather(out, local)
-            return torch.stack(out).to(tensor.device)
-
-        return apply_to_tensors(data, gather)
+    def summary_lines(self, optimizers: list) -> list[str]:
+        return []
 
     def teardown(self) -> None:
         self.ddp = None
 
 
 def warn_if_parameters_differ(module: torch.nn.Module, device: torch.device) -> None:
-    """Compare a checksum of every parameter across ranks before DDP copies rank 0's to the others.
+    """Compare a checksum of every parameter across ranks before DDP (or fsdp) copies rank 0's to the others.
 
-    DDP would make the replicas equal anyway, but different start-up parameters mean the processes
+    The copy makes the replicas equal anyway, but different start-up parameters mean the processes
     did not build the model the same way (an unseeded init, rank-dependent code), which usually hides
     other differences; say so once, on rank 0.
     """
@@ -188,7 +109,7 @@ def warn_if_parameters_differ(module: torch.nn.Module, device: torch.device) -> 
         first = names[int((gathered[differing[0]] != gathered[0]).nonzero()[0, 0])]
         warnings.warn(
             f"model parameters differ across ranks at start-up: rank(s) {differing} differ from rank 0 (first: "
-            f"{first}). DDP copies rank 0's parameters to every rank, so training stays consistent, but the "
+            f"{first}). syncstep copies rank 0's parameters to every rank, so training stays consistent, but the "
             "processes did not build the model the same way: seed before building it "
             "(syncstep.seed_everything(seed)) or load the same weights everywhere.",
             stacklevel=2,

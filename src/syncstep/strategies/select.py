@@ -78,7 +78,7 @@ def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str
         strategy = "single" if n == 1 and nodes == 1 and env.world_size == 1 else "ddp"
     if strategy == "single" and (n > 1 or nodes > 1):
         raise ValueError(
-            f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp' or 'dp'."
+            f"strategy='single' runs on one device, but devices={n} x num_nodes={nodes}; use 'ddp', 'fsdp' or 'dp'."
         )
     if strategy == "dp":
         if nodes > 1:
@@ -114,10 +114,18 @@ def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str
 
 
 def select_strategy(config: Any, env: Environment) -> Any:
-    """The strategy object for ``config`` in this process's ``env`` (nothing is started yet)."""
-    from syncstep.strategies import STRATEGIES
+    """The strategy object for ``config`` in this process's ``env`` (nothing is started yet).
+
+    ``config.strategy`` is a name, or the user's ``FSDPStrategy(...)``: its options go to the running
+    fsdp strategy built here with the devices.
+    """
+    from syncstep.strategies import STRATEGIES, FSDPStrategy
 
     accelerator, device_ids, num_devices = resolve_devices(config.accelerator, config.devices, env)
-    name = resolve_strategy(config.strategy, num_devices, config.num_nodes, env)
+    requested, options = config.strategy, {}
+    if isinstance(requested, FSDPStrategy):
+        requested, options = "fsdp", {"options": requested}
+    name = resolve_strategy(requested, num_devices, config.num_nodes, env)
     return STRATEGIES[name](accelerator=accelerator, device_ids=device_ids, num_devices=num_devices,
-                            num_nodes=config.num_nodes, env=env, timeout=config.timeout)
+                            num_nodes=config.num_nodes, env=env, timeout=config.timeout,
+                            precision=config.precision, **options)
