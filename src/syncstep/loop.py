@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from syncstep import checkpoint as ckpt
+from syncstep import noise_scale
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
@@ -90,7 +91,8 @@ def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
                    num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
                    total_steps=plan.total_steps, requested_rule=config.lr_scaling,
-                   extra=strategy.summary_lines(plan.optimizers))
+                   extra=[*strategy.summary_lines(plan.optimizers),
+                          *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
 
 
 def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
@@ -122,8 +124,13 @@ class FitLoop:
             lr_names=plan.lr_names, scaler=scaler, gradient_clip_val=config.gradient_clip_val,
             gradient_clip_algorithm=config.gradient_clip_algorithm, guards=self.guards, state=state,
             metric_values=self.metrics.values, hooks=self.hooks)
+        self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler, self.stepper.params)
         self.manual = None
         if not model.automatic_optimization:
+            if config.noise_scale:
+                raise ValueError("noise_scale=True needs automatic optimization: with automatic_optimization = "
+                                 "False your training_step steps the optimizers, and syncstep cannot see each "
+                                 "step's gradients before it. Set noise_scale=False.")
             if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
                 raise ValueError(
                     "with manual optimization (automatic_optimization = False) your training_step steps the "
@@ -185,6 +192,8 @@ class FitLoop:
                     self.end_epoch(epoch, completed)
                     if state.preempted:
                         return
+                if self.noise is not None:
+                    self.finish_noise_scale()
                 hooks.call("on_train_end")
                 hooks.call("on_fit_end")
             self.metrics.flush()
@@ -247,9 +256,12 @@ class FitLoop:
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
-        manual = self.manual
+        manual, noise = self.manual, self.noise
         if manual is not None:
             manual.epoch, step = epoch, None
+        # The noise scale: each micro-batch's gradient (one process) and, before the step, the step's norms.
+        after_backward = noise.after_backward if noise is not None and noise.source == "micro" else None
+        full_step = self.plan.batch.global_batch_size
         batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
@@ -281,12 +293,16 @@ class FitLoop:
                     # Detached: kept with its graph, a loss would keep what the graph references until the
                     # next agreement; under fsdp, every unit's all-gathered parameters (guards.py).
                     losses.append((state.global_step, loss.detach()))
+                    if after_backward is not None:
+                        after_backward(sum(weights))
                     if batch_hooks:
                         hooks.call("on_after_backward")
                         batch_end = ({"loss": loss.detach() / (sum(weights) or 1.0)}, batch, batch_idx)
                 elif batch_hooks:
                     batch_end = (loss, batch, batch_idx)
                 batch_idx += 1
+            if noise is not None:
+                noise.end_step(step_samples == full_step)
             if step is not None:
                 step()
             if batch_hooks:
@@ -315,10 +331,18 @@ class FitLoop:
         self.guards.agree()
         values = self.metrics.step_values(self.strategy)
         values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
+        if self.noise is not None:
+            values.update(self.noise.log_values(self.state.global_step))
         self.metrics.update(values)
         if self.trainer.is_global_zero:
             self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
             self.bar.show({k: v for k, v in values.items() if k in self.metrics.store.prog_bar})
+
+    def finish_noise_scale(self) -> None:
+        """The steps since the last logging step as a last block, ``trainer.noise_scale``, the report."""
+        self.noise.log_values(self.state.global_step)
+        self.trainer.noise_scale = self.noise.result()
+        self.trainer.print(noise_scale.report(self.noise))
 
     def validate(self, epoch: int) -> None:
         values = evaluate(self.trainer, self.val_loader, "validate")

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from syncstep.strategies import comm_hooks
 from syncstep.strategies.common import ProcessPerDevice, StepRunner, extract_loss, load_plain_state, plain_state
 
 
@@ -41,6 +42,12 @@ class DDPStrategy(ProcessPerDevice):
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
         )
+
+    def register_comm_hook(self, wrappers: list) -> None:
+        """The model's one communication hook: the all-reduce wrapped by ``wrappers`` (strategies/comm_hooks.py),
+        registered once, before the first backward. Without wrappers DDP keeps its built-in all-reduce."""
+        state, hook = comm_hooks.build_comm_hook(None, None, None)
+        comm_hooks.register(self.ddp, state, hook, wrappers)
 
     def sync_gradients(self, enabled: bool) -> None:
         # Same effect as ddp.no_sync() on the micro-batches before the last one, without a context
