@@ -4,6 +4,7 @@ per-sample gradients by brute force (torch.func), norms computed in one process,
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -169,3 +170,111 @@ def test_logged_values_and_the_end_of_fit_report(capsys):
     out = capsys.readouterr().out
     assert "noise scale: from 2 micro-batches' gradients of 8 samples" in out
     assert "syncstep: noise scale: B_simple" in out and "twice the devices" in out
+
+
+# -- AdaScale: the gain and tau on a quadratic whose gradient mean and covariance are known -------------
+
+class Recorder:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append({"step": step, **metrics})
+
+    def finalize(self):
+        pass
+
+
+class Quadratic(syncstep.Module):
+    """Per-sample loss |w - c_i|^2 / 2: the gradient of sample i is w - c_i, so |G|^2 = |w - mean c|^2 and
+    tr(Sigma) = mean |c_i - mean c|^2, exactly."""
+
+    def __init__(self, dim: int, lr: float = 0.0, scheduler: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))
+        self.lr, self.scheduler = lr, scheduler
+
+    def training_step(self, batch, batch_idx):
+        (c,) = batch
+        return 0.5 * (self.w - c).square().sum(1).mean()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if not self.scheduler:
+            return opt
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)]
+
+
+def quadratic_data(n: int, dim: int, noise: float, seed: int = 0) -> TensorDataset:
+    """Targets with mean exactly (1, ..., 1) / sqrt(dim) (|G|^2 = 1 at w = 0) and tr(Sigma) = noise^2 dim."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) / (z - z.mean(0)).square().sum(1).mean().sqrt() * math.sqrt(dim)
+    return TensorDataset((torch.ones(dim, dtype=torch.float64) / math.sqrt(dim) + noise * z).float())
+
+
+def exact(data: TensorDataset) -> tuple[float, float]:
+    (c,) = data.tensors
+    c = c.double()
+    return float(c.mean(0).square().sum()), float((c - c.mean(0)).square().sum(1).mean())
+
+
+@pytest.mark.parametrize("noise, expected", [(20.0, "k"), (0.0, "1"), (1.6, "formula")])
+def test_adascale_gain_and_tau_follow_the_formula(noise, expected):
+    dim, n, k = 10, 512, 8
+    data = quadratic_data(n, dim, noise)
+    grad_sq, trace = exact(data)
+    recorder = Recorder()
+    trainer = syncstep.Trainer(max_steps=40, lr_scaling="adascale", accumulate_grad_batches=k, log_every_n_steps=5,
+                               reference_batch_size=8, enable_progress_bar=False, logger=[recorder],
+                               enable_checkpointing=False, enable_model_summary=False, seed=0)
+    trainer.fit(Quadratic(dim), DataLoader(data, batch_size=8, shuffle=True))
+    rows = [r for r in recorder.rows if "noise_scale/gain" in r]
+    r_final = rows[-1]["noise_scale/gain"]
+    r_exact = (trace / 8 + grad_sq) / (trace / 64 + grad_sq)
+    if expected == "k":  # B_simple = 4000 >> 64: nearly every sample counts
+        assert r_exact > 7.8 and 0.85 * k < r_final <= k  # (|G|^2 is the noisy part here: r near k, not r_exact)
+    elif expected == "1":  # no noise: a bigger batch buys nothing
+        assert trace == 0 and r_final == pytest.approx(1.0, abs=1e-6)
+    else:  # B_simple = 25.6, between the reference batch and the global one: r = 4.2 / 1.4 = 3
+        assert r_exact == pytest.approx(3.0, rel=1e-3) and r_final == pytest.approx(r_exact, rel=0.05)
+    # tau = sum of the gain in force at each step: 1 until the first estimate, then each logged gain
+    gains = [1.0] + [r["noise_scale/gain"] for r in rows]
+    for i, row in enumerate(rows):
+        assert row["adascale/tau"] == pytest.approx(5 * sum(gains[:i + 1]), rel=1e-12)
+    # the run ends at the first step where tau reaches the reference run's 40 x 8 = 320 steps
+    tau, steps = 0.0, 0
+    while tau < 320 - 1e-9:
+        tau, steps = tau + gains[steps // 5], steps + 1
+    assert trainer.global_step == steps
+    assert trainer._checkpointer.stepper.adascale.tau == pytest.approx(tau, rel=1e-12)
+
+
+def test_adascale_resumes_exactly_mid_block_with_schedulers_following_tau(tmp_path):
+    data = quadratic_data(128, 10, 1.6)
+
+    def trainer(**kwargs):
+        return syncstep.Trainer(max_epochs=4, lr_scaling="adascale", accumulate_grad_batches=4, log_every_n_steps=2,
+                                reference_batch_size=8, enable_progress_bar=False, logger=False, seed=0,
+                                enable_model_summary=False, default_root_dir=str(tmp_path), ckpt_every_n_steps=3,
+                                keep_last=100, **kwargs)
+
+    whole = trainer()
+    model = Quadratic(10, lr=0.05, scheduler=True)
+    whole.fit(model, DataLoader(data, batch_size=8, shuffle=True))
+    adascale = whole._checkpointer.stepper.adascale
+    # the cosine (T_max = 4 epochs) stepped once per reference epoch of tau: 4 x 4 steps x k = 4
+    assert adascale.tau >= 64 and adascale.gain > 1.5
+    assert whole.lr_scheduler_configs[0].scheduler.last_epoch == 4
+    assert whole.global_step < 64 and whole.current_epoch >= 4  # more epochs than planned, fewer steps than k = 1
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed = trainer()
+    again = Quadratic(10, lr=0.05, scheduler=True)
+    resumed.fit(again, DataLoader(data, batch_size=8, shuffle=True),
+                ckpt_path=str(tmp_path / "checkpoints" / "epoch=2-step=9.ckpt"))
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, final[key]), key
+    assert resumed._checkpointer.stepper.adascale.tau == adascale.tau
+    assert resumed.global_step == whole.global_step
+    assert resumed.noise_scale["history"] == whole.noise_scale["history"]

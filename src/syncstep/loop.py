@@ -26,12 +26,13 @@ from typing import Any
 
 from syncstep import checkpoint as ckpt
 from syncstep import noise_scale
+from syncstep.adascale import AdaScale
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
 from syncstep.model_summary import model_summary
 from syncstep.module import Module
-from syncstep.optim import SchedulerConfig, parse_optimizers
+from syncstep.optim import SchedulerConfig, parse_optimizers, unique_parameters
 from syncstep.plan import BatchPlan, LRPlan, optimizer_names, plan_batch, plan_lr, resolve_warmup, summary
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
@@ -73,6 +74,18 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
                    total)
 
 
+def adascale_of(config: Any, strategy: Any, plan: FitPlan, meter: Any) -> AdaScale | None:
+    """lr_scaling="adascale": the gain and tau of the run (its noise scale measured by ``meter``)."""
+    if config.lr_scaling != "adascale":
+        return None
+    if meter is None and plan.batch.k != 1:
+        _, _, _, why = noise_scale.measurable(strategy, plan.batch)
+        raise ValueError(f"lr_scaling='adascale' takes its gain from the gradient noise scale, which is not "
+                         f"measurable with {why}; or use lr_scaling='linear' / 'sqrt'.")
+    return AdaScale(meter=meter, rules=[o.rule for o in plan.lr.optimizers], batch=plan.batch,
+                    steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
+
+
 def check_optimizer_parameters(model: Module, optimizers: list) -> None:
     """Every parameter an optimizer steps must be one of the model's, as the strategy left them."""
     own = {id(p) for p in model.parameters()}
@@ -90,7 +103,7 @@ def check_optimizer_parameters(model: Module, optimizers: list) -> None:
 def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
                    num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
-                   total_steps=plan.total_steps, requested_rule=config.lr_scaling,
+                   total_steps=plan.total_steps, requested_rule=config.lr_scaling, max_epochs=config.max_epochs,
                    extra=[*strategy.summary_lines(plan.optimizers),
                           *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
 
@@ -119,18 +132,22 @@ class FitLoop:
         self.guards = Guards(strategy, state, on_nonfinite_loss=config.on_nonfinite_loss,
                              log_every_n_steps=config.log_every_n_steps, print_fn=trainer.print)
         scaler = grad_scaler(config.precision, strategy.root_device)
+        self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler,
+                                                        unique_parameters(plan.optimizers))
+        self.adascale = adascale_of(config, strategy, plan, self.noise)
         self.stepper = OptimizerStep(
             optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
             lr_names=plan.lr_names, scaler=scaler, gradient_clip_val=config.gradient_clip_val,
             gradient_clip_algorithm=config.gradient_clip_algorithm, guards=self.guards, state=state,
-            metric_values=self.metrics.values, hooks=self.hooks)
-        self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler, self.stepper.params)
+            metric_values=self.metrics.values, hooks=self.hooks, adascale=self.adascale)
+        self.stepper.noise = self.noise
         self.manual = None
         if not model.automatic_optimization:
-            if config.noise_scale:
-                raise ValueError("noise_scale=True needs automatic optimization: with automatic_optimization = "
-                                 "False your training_step steps the optimizers, and syncstep cannot see each "
-                                 "step's gradients before it. Set noise_scale=False.")
+            if config.noise_scale or config.lr_scaling == "adascale":
+                raise ValueError("noise_scale=True and lr_scaling='adascale' need automatic optimization: with "
+                                 "automatic_optimization = False your training_step steps the optimizers, and "
+                                 "syncstep cannot see each step's gradients before it. Set noise_scale=False, "
+                                 "and another lr_scaling.")
             if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
                 raise ValueError(
                     "with manual optimization (automatic_optimization = False) your training_step steps the "
@@ -184,7 +201,8 @@ class FitLoop:
                 hooks.call("on_fit_start")
                 self.sanity_check()
                 hooks.call("on_train_start")
-                for epoch in range(start_epoch, config.max_epochs if config.max_epochs is not None else sys.maxsize):
+                max_epochs = config.max_epochs if self.adascale is None else self.adascale.max_epochs(config.max_epochs)
+                for epoch in range(start_epoch, max_epochs if max_epochs is not None else sys.maxsize):
                     if (state.should_stop and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
@@ -201,6 +219,8 @@ class FitLoop:
             self.bar.close()
 
     def steps_exhausted(self) -> bool:
+        if self.adascale is not None:  # the progress tau of the reference run's steps, not max_steps
+            return self.adascale.done
         return 0 <= self.config.max_steps <= self.state.global_step
 
     def may_stop(self, epoch: int) -> bool:
@@ -265,6 +285,9 @@ class FitLoop:
         batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
+        adascale = self.adascale
+        if adascale is not None:
+            max_steps = -1  # the run ends when adascale.done
         bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
         batch_idx, completed = 0, True
         plan, batches = self.train.start_epoch(epoch, start_sample)
@@ -319,7 +342,8 @@ class FitLoop:
                 logs.context.stage = "train"
             if ckpt_every and global_step % ckpt_every == 0:
                 self.checkpointer.save(guards, epoch_finished=False)
-            stop = (guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
+            stop = ((guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
+                    or (adascale is not None and adascale.done))
             if stop and step_in_epoch + 1 < steps:
                 completed = False
                 break
@@ -333,6 +357,9 @@ class FitLoop:
         values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
         if self.noise is not None:
             values.update(self.noise.log_values(self.state.global_step))
+            if self.adascale is not None:
+                self.adascale.refresh()
+                values["adascale/tau"] = self.adascale.tau
         self.metrics.update(values)
         if self.trainer.is_global_zero:
             self.metrics.send({"epoch": epoch, **values}, self.state.global_step)

@@ -294,7 +294,7 @@ def run_means(blocks: list[list[float]]) -> dict[str, Any]:
 
 def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch.Tensor]) -> NoiseScale | None:
     """The meter of a fit, or None when ``noise_scale`` is off or cannot be measured (see ``summary_line``)."""
-    if not config.noise_scale:
+    if not (config.noise_scale or config.lr_scaling == "adascale"):
         return None
     source, w, small_batch, _ = measurable(strategy, plan.batch)
     if source is None:
@@ -312,13 +312,16 @@ def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch
 
 def summary_line(config: Any, strategy: Any, batch: Any) -> str | None:
     """The start-up summary's line on the noise scale (None when it is off)."""
-    if not config.noise_scale:
+    if not (config.noise_scale or config.lr_scaling == "adascale"):
+        return None
+    if not config.noise_scale and batch.k == 1:
         return None
     source, w, small_batch, why = measurable(strategy, batch)
     if source is None:
         return f"  noise scale: not measurable with {why}"
     what = "replicas' gradients (DDP hook)" if source == "ddp" else "micro-batches' gradients"
-    return (f"  noise scale: from {w} {what} of {small_batch} samples each per step, "
+    why = "" if config.noise_scale else " (on for lr_scaling='adascale')"
+    return (f"  noise scale{why}: from {w} {what} of {small_batch} samples each per step, "
             f"averaged over blocks of log_every_n_steps={config.log_every_n_steps} steps")
 
 
