@@ -186,8 +186,9 @@ class NoiseScale:
         deltas = grads if self._micro == 0 else torch._foreach_sub(grads, previous)
         sq = torch.stack(torch._foreach_norm(deltas)).double().square().sum() / (weight * weight)
         self._small = sq if self._small is None else self._small + sq
-        torch._foreach_copy_(previous, grads)
         self._micro += 1
+        if self._micro < self.w:  # (after the step's last micro-batch nothing needs the copy)
+            torch._foreach_copy_(previous, grads)
 
     # -- once per optimizer step, before clipping ---------------------------------------------------
     def end_step(self, full: bool) -> None:
