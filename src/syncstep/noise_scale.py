@@ -148,7 +148,9 @@ class NoiseScale:
         self._micro = 0
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean small, big) of the last full step
         self.average = _Average()
-        self.blocks: list[list[float]] = []  # [global_step, steps, grad_sq, trace, uncorrected grad_sq]
+        # per block: global_step, steps, grad_sq, trace, uncorrected grad_sq; then the moving average's
+        # B_simple and its 95% interval after it
+        self.blocks: list[list[float]] = []
         self.steps = 0
 
     # -- ddp: the communication hook wrapper (strategies/comm_hooks.register) ----------------------
@@ -223,8 +225,9 @@ class NoiseScale:
             steps = round(step_count / self.processes)  # (every process counts each step)
             grad_sq, trace, uncorrected = estimates(small_sum / small_count, big_sum / step_count, self.w,
                                                     self.small_batch, self.num_samples)
-            self.blocks.append([global_step, steps, grad_sq, trace, uncorrected])
             self.average.update(EMA_DECAY_PER_STEP ** steps, grad_sq, trace)
+            self.blocks.append([global_step, steps, grad_sq, trace, uncorrected, b_simple(*self.current()),
+                                *self.average.ci()])
             self.steps += steps
         return self.metrics()
 
