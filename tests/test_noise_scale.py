@@ -277,4 +277,4 @@ def test_adascale_resumes_exactly_mid_block_with_schedulers_following_tau(tmp_pa
         assert torch.equal(value, final[key]), key
     assert resumed._checkpointer.stepper.adascale.tau == adascale.tau
     assert resumed.global_step == whole.global_step
-    assert resumed.noise_scale["history"] == whole.noise_scale["history"]
+    assert repr(resumed.noise_scale["history"]) == repr(whole.noise_scale["history"])  # (nan == nan in repr)
