@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-EMA_DECAY_PER_STEP = 0.99  # the moving average's memory: about 100 optimizer steps
+# The moving average's memory: about 100 steps at the reference batch, i.e. 100 x reference_batch_size
+# samples (100 / k optimizer steps at k x the batch; one step's estimate is about k times less noisy).
+EMA_DECAY_PER_REFERENCE_STEP = 0.99
 Z_95 = 1.96
 
 
@@ -225,7 +227,8 @@ class NoiseScale:
             steps = round(step_count / self.processes)  # (every process counts each step)
             grad_sq, trace, uncorrected = estimates(small_sum / small_count, big_sum / step_count, self.w,
                                                     self.small_batch, self.num_samples)
-            self.average.update(EMA_DECAY_PER_STEP ** steps, grad_sq, trace)
+            decay = EMA_DECAY_PER_REFERENCE_STEP ** (steps * self.global_batch / self.reference_batch)
+            self.average.update(decay, grad_sq, trace)
             self.blocks.append([global_step, steps, grad_sq, trace, uncorrected, b_simple(*self.current()),
                                 *self.average.ci()])
             self.steps += steps
