@@ -278,3 +278,38 @@ def test_adascale_resumes_exactly_mid_block_with_schedulers_following_tau(tmp_pa
     assert resumed._checkpointer.stepper.adascale.tau == adascale.tau
     assert resumed.global_step == whole.global_step
     assert repr(resumed.noise_scale["history"]) == repr(whole.noise_scale["history"])  # (nan == nan in repr)
+
+
+# -- LARS / LAMB under lr_scaling="auto" -----------------------------------------------------------------
+
+class LARS(torch.optim.SGD):
+    """Stands in for a LARS optimizer (timm / pytorch-optimizer are not dependencies): only the name counts."""
+
+
+class Lamb(torch.optim.Adam):
+    """Stands in for timm's Lamb, which clips the gradient norm itself (max_grad_norm, default 1.0)."""
+
+    def __init__(self, params, lr=1e-3, max_grad_norm=1.0):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group["max_grad_norm"] = max_grad_norm
+
+
+def test_lars_is_linear_lamb_is_sqrt_and_double_clipping_is_said():
+    from syncstep.plan import double_clipping, lr_factor, resolve_rule
+
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    assert resolve_rule("auto", LARS(w, lr=0.1)) == "linear" and lr_factor("linear", 4) == 4
+    assert resolve_rule("auto", Lamb(w)) == "sqrt" and lr_factor("sqrt", 4) == 2
+    assert resolve_rule("adascale", LARS(w, lr=0.1)) == "adascale"
+    assert resolve_rule("adascale", Lamb(w)) == "adascale-sqrt"
+    message = double_clipping([Lamb(w)], 0.5)
+    assert "clipped twice" in message and "max_grad_norm=1.0" in message
+    assert double_clipping([Lamb(w, max_grad_norm=None)], 0.5) is None
+    assert double_clipping([Lamb(w)], None) is None
+
+
+def test_adascale_without_a_measurable_noise_scale_is_an_error_that_says_why():
+    trainer = syncstep.Trainer(max_steps=2, lr_scaling="adascale", reference_batch_size=8, **QUIET)
+    with pytest.raises(ValueError, match="not measurable with one batch per step.*accumulate_grad_batches >= 2"):
+        trainer.fit(Frozen(False), DataLoader(digits_subset(64), batch_size=16))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from syncstep import noise_scale
 from syncstep.noise_scale import gain
 from syncstep.optim import step_schedulers
 
@@ -76,6 +77,18 @@ class AdaScale:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tau, self.gain, self.target = state["tau"], state["gain"], state["target"]
         self.factors = list(state["factors"])
+
+
+def build(config: Any, strategy: Any, plan: Any, meter: Any) -> AdaScale | None:
+    """lr_scaling="adascale": the gain and tau of the run (its noise scale measured by ``meter``)."""
+    if config.lr_scaling != "adascale":
+        return None
+    if meter is None and plan.batch.k != 1:
+        _, _, _, why = noise_scale.measurable(strategy, plan.batch)
+        raise ValueError(f"lr_scaling='adascale' takes its gain from the gradient noise scale, which is not "
+                         f"measurable with {why}; or use lr_scaling='linear' / 'sqrt'.")
+    return AdaScale(meter=meter, rules=[o.rule for o in plan.lr.optimizers], batch=plan.batch,
+                    steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
 
 
 def summary_line(total_steps: int, k: float, max_epochs: int | None) -> str:

@@ -21,19 +21,29 @@ is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from syncstep import checkpoint as ckpt
 from syncstep import noise_scale
-from syncstep.adascale import AdaScale
+from syncstep.adascale import build as build_adascale
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
 from syncstep.model_summary import model_summary
 from syncstep.module import Module
 from syncstep.optim import SchedulerConfig, parse_optimizers, unique_parameters
-from syncstep.plan import BatchPlan, LRPlan, optimizer_names, plan_batch, plan_lr, resolve_warmup, summary
+from syncstep.plan import (
+    BatchPlan,
+    LRPlan,
+    double_clipping,
+    optimizer_names,
+    plan_batch,
+    plan_lr,
+    resolve_warmup,
+    summary,
+)
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
@@ -70,20 +80,11 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
                             start_factor=config.warmup_start_factor, steps_per_epoch=steps_per_epoch,
                             total_steps=total, batch=batch)
     lr = plan_lr(optimizers, config.lr_scaling, batch, warmup)
+    clipped_twice = double_clipping(optimizers, config.gradient_clip_val)
+    if clipped_twice:
+        warnings.warn(clipped_twice, stacklevel=2)
     return FitPlan(optimizers, scheduler_configs, train, batch, lr, optimizer_names(optimizers), steps_per_epoch,
                    total)
-
-
-def adascale_of(config: Any, strategy: Any, plan: FitPlan, meter: Any) -> AdaScale | None:
-    """lr_scaling="adascale": the gain and tau of the run (its noise scale measured by ``meter``)."""
-    if config.lr_scaling != "adascale":
-        return None
-    if meter is None and plan.batch.k != 1:
-        _, _, _, why = noise_scale.measurable(strategy, plan.batch)
-        raise ValueError(f"lr_scaling='adascale' takes its gain from the gradient noise scale, which is not "
-                         f"measurable with {why}; or use lr_scaling='linear' / 'sqrt'.")
-    return AdaScale(meter=meter, rules=[o.rule for o in plan.lr.optimizers], batch=plan.batch,
-                    steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
 
 
 def check_optimizer_parameters(model: Module, optimizers: list) -> None:
@@ -133,8 +134,8 @@ class FitLoop:
                              log_every_n_steps=config.log_every_n_steps, print_fn=trainer.print)
         scaler = grad_scaler(config.precision, strategy.root_device)
         self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler,
-                                                        unique_parameters(plan.optimizers))
-        self.adascale = adascale_of(config, strategy, plan, self.noise)
+                                                        unique_parameters(plan.optimizers), model)
+        self.adascale = build_adascale(config, strategy, plan, self.noise)
         self.stepper = OptimizerStep(
             optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
             lr_names=plan.lr_names, scaler=scaler, gradient_clip_val=config.gradient_clip_val,
@@ -143,11 +144,6 @@ class FitLoop:
         self.stepper.noise = self.noise
         self.manual = None
         if not model.automatic_optimization:
-            if config.noise_scale or config.lr_scaling == "adascale":
-                raise ValueError("noise_scale=True and lr_scaling='adascale' need automatic optimization: with "
-                                 "automatic_optimization = False your training_step steps the optimizers, and "
-                                 "syncstep cannot see each step's gradients before it. Set noise_scale=False, "
-                                 "and another lr_scaling.")
             if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
                 raise ValueError(
                     "with manual optimization (automatic_optimization = False) your training_step steps the "
@@ -211,7 +207,7 @@ class FitLoop:
                     if state.preempted:
                         return
                 if self.noise is not None:
-                    self.finish_noise_scale()
+                    noise_scale.finish(trainer, self.noise, self.state.global_step)
                 hooks.call("on_train_end")
                 hooks.call("on_fit_end")
             self.metrics.flush()
@@ -364,12 +360,6 @@ class FitLoop:
         if self.trainer.is_global_zero:
             self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
             self.bar.show({k: v for k, v in values.items() if k in self.metrics.store.prog_bar})
-
-    def finish_noise_scale(self) -> None:
-        """The steps since the last logging step as a last block, ``trainer.noise_scale``, the report."""
-        self.noise.log_values(self.state.global_step)
-        self.trainer.noise_scale = self.noise.result()
-        self.trainer.print(noise_scale.report(self.noise))
 
     def validate(self, epoch: int) -> None:
         values = evaluate(self.trainer, self.val_loader, "validate")

@@ -299,10 +299,15 @@ def run_means(blocks: list[list[float]]) -> dict[str, Any]:
     return out
 
 
-def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch.Tensor]) -> NoiseScale | None:
+def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch.Tensor],
+          model: Any) -> NoiseScale | None:
     """The meter of a fit, or None when ``noise_scale`` is off or cannot be measured (see ``summary_line``)."""
     if not (config.noise_scale or config.lr_scaling == "adascale"):
         return None
+    if not model.automatic_optimization:
+        raise ValueError("noise_scale=True and lr_scaling='adascale' need automatic optimization: with "
+                         "automatic_optimization = False your training_step steps the optimizers, and syncstep "
+                         "cannot see each step's gradients before it. Set noise_scale=False, and another lr_scaling.")
     source, w, small_batch, _ = measurable(strategy, plan.batch)
     if source is None:
         return None
@@ -315,6 +320,14 @@ def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch
     if source == "ddp":
         strategy.register_comm_hook([meter.comm_hook_wrapper])
     return meter
+
+
+def finish(trainer: Any, meter: NoiseScale, global_step: int) -> None:
+    """At the end of fit (every rank): the steps since the last logging step as a last block,
+    ``trainer.noise_scale``, and the report on rank 0."""
+    meter.log_values(global_step)
+    trainer.noise_scale = meter.result()
+    trainer.print(report(meter))
 
 
 def summary_line(config: Any, strategy: Any, batch: Any) -> str | None:

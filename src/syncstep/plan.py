@@ -57,6 +57,21 @@ def resolve_rule(rule: str, optimizer: object) -> str:
     )
 
 
+def double_clipping(optimizers: list, gradient_clip_val: float | None) -> str | None:
+    """A warning when a LAMB that clips the gradient norm itself (timm's ``max_grad_norm``, default 1.0)
+    meets ``gradient_clip_val``: the gradients would be clipped twice, to two different norms."""
+    if gradient_clip_val is None:
+        return None
+    for opt in optimizers:
+        names = {cls.__name__ for cls in type(opt).__mro__}
+        clips = {group.get("max_grad_norm") for group in opt.param_groups} - {None, 0}
+        if names & {"LAMB", "Lamb"} and clips:
+            return (f"{type(opt).__name__} clips the gradient norm itself (max_grad_norm={sorted(clips)[0]}), and "
+                    f"Trainer(gradient_clip_val={gradient_clip_val}) clips it before: the gradients are clipped "
+                    "twice. Keep one: pass max_grad_norm=None to the optimizer, or drop gradient_clip_val.")
+    return None
+
+
 def lr_factor(rule: str, k: float) -> float:
     """The LR multiplier for a global batch k times the reference batch."""
     if rule == "linear":
