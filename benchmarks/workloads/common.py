@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lean", action="store_true", help="syncstep: progress bar, logger and checkpoints off")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="syncstep with --devices > 1: ddp, or fsdp with every Linear a unit")
+    p.add_argument("--noise-scale", action="store_true", help="syncstep: Trainer(noise_scale=True)")
     p.add_argument("--out", required=True, help="JSON result file (written by rank 0)")
     return p.parse_args()
 

@@ -48,7 +48,7 @@ def main() -> None:
         strategy = syncstep.FSDPStrategy(auto_wrap_policy={torch.nn.Linear})
     lean = dict(enable_progress_bar=False, logger=False, enable_checkpointing=False) if args.lean else {}
     trainer = syncstep.Trainer(max_epochs=1, accelerator="cpu", devices=args.devices, strategy=strategy,
-                               lr_scaling="none", **lean)
+                               lr_scaling="none", noise_scale=args.noise_scale, **lean)
     trainer.fit(model, loader)
     net = model.net
     if args.strategy == "fsdp" and args.devices > 1:  # the checksum needs whole parameters: gather them (every rank)

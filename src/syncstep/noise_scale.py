@@ -127,6 +127,13 @@ def ratio_interval(g: float, t: float, var_g: float, var_t: float, cov: float) -
     return max(b - Z_95 * sd, 0.0), b + Z_95 * sd
 
 
+def norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-norm, accumulated in float32 at least (never a float64 copy of a bucket: that costs 30x)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor)
+
+
 class NoiseScale:
     """Running sums on the device, folded into block estimates at logging steps (every rank calls
     ``log_values`` there: it all-reduces)."""
@@ -164,11 +171,11 @@ class NoiseScale:
         def after(future: Any) -> torch.Tensor:
             value = future.value()
             tensor = value[0] if isinstance(value, (list, tuple)) else value
-            averaged.append(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+            averaged.append(norm(tensor))
             return tensor
 
         def observed(hook_state, bucket):  # (no annotations: DDP checks them against its own types)
-            local.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float64))
+            local.append(norm(bucket.buffer()))
             return hook(hook_state, bucket).then(after)
 
         return state, observed
@@ -198,8 +205,8 @@ class NoiseScale:
     def end_step(self, full: bool) -> None:
         """Fold this step's norms into the running sums (``full``: the step had a whole global batch)."""
         if self.source == "ddp":
-            small = torch.stack(self._local).square().sum() if self._local else None
-            big = torch.stack(self._averaged).square().sum() if self._averaged else None
+            small = torch.stack(self._local).double().square().sum() if self._local else None
+            big = torch.stack(self._averaged).double().square().sum() if self._averaged else None
             count = 1.0
             self._local.clear()
             self._averaged.clear()
