@@ -141,6 +141,12 @@ def main() -> None:
         median = statistics.median(values)
         paired = statistics.median(h / v for h, v in zip(runs["hand-written"], values))
         print(f"| {name} | {median:.1f} | {min(values):.1f} | {base / median:.3f} | {paired:.3f} |")
+    if args.noise_scale:
+        plain, noise = runs["syncstep, accumulation 2"], runs["syncstep, accumulation 2, noise_scale=True"]
+        ratios = sorted(p / n for p, n in zip(plain, noise))
+        print(f"noise_scale=True: steps/s with / without, same rep: median {statistics.median(ratios):.3f} "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}); medians {statistics.median(noise):.1f} / "
+              f"{statistics.median(plain):.1f} us per micro-batch")
 
 
 if __name__ == "__main__":

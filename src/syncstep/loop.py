@@ -313,7 +313,7 @@ class FitLoop:
                     # next agreement; under fsdp, every unit's all-gathered parameters (guards.py).
                     losses.append((state.global_step, loss.detach()))
                     if after_backward is not None:
-                        after_backward(sum(weights))
+                        after_backward()
                     if batch_hooks:
                         hooks.call("on_after_backward")
                         batch_end = ({"loss": loss.detach() / (sum(weights) or 1.0)}, batch, batch_idx)

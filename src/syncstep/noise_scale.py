@@ -150,9 +150,10 @@ class NoiseScale:
         # sum of small-batch |g|^2, number of small batches, sum of big-batch |g|^2, steps (this process)
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self._one = torch.ones((), dtype=torch.float64, device=device)
-        self._local: list[torch.Tensor] = []  # ddp: bucket norms before / after the all-reduce
+        # this step's norms: ddp, of each bucket before / after the all-reduce; micro, of what each
+        # micro-batch added to each parameter's gradient / of the step's gradients
+        self._local: list[torch.Tensor] = []
         self._averaged: list[torch.Tensor] = []
-        self._small: torch.Tensor | None = None  # micro: this step's sum of micro-batch |g|^2 so far
         self._previous: list[torch.Tensor] | None = None
         self._micro = 0
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean small, big) of the last full step
@@ -181,8 +182,9 @@ class NoiseScale:
         return state, observed
 
     # -- single / dp: the micro-batches are the small batches --------------------------------------
-    def after_backward(self, weight: float) -> None:
-        """After a micro-batch's backward; ``weight``: its loss weight (its share of the step's samples)."""
+    def after_backward(self) -> None:
+        """After a micro-batch's backward: the norms of what it added to the gradients. In a full step each
+        micro-batch has loss weight 1 / A, so its own gradient is A x that (only full steps are kept)."""
         grads, previous = [], []
         if self._previous is None:
             self._previous = [torch.zeros_like(p) for p in self.params]
@@ -195,8 +197,7 @@ class NoiseScale:
         if not grads:
             return
         deltas = grads if self._micro == 0 else torch._foreach_sub(grads, previous)
-        sq = torch.stack(torch._foreach_norm(deltas)).double().square().sum() / (weight * weight)
-        self._small = sq if self._small is None else self._small + sq
+        self._local += torch._foreach_norm(deltas)
         self._micro += 1
         if self._micro < self.w:  # (after the step's last micro-batch nothing needs the copy)
             torch._foreach_copy_(previous, grads)
@@ -204,19 +205,20 @@ class NoiseScale:
     # -- once per optimizer step, before clipping ---------------------------------------------------
     def end_step(self, full: bool) -> None:
         """Fold this step's norms into the running sums (``full``: the step had a whole global batch)."""
-        if self.source == "ddp":
-            small = torch.stack(self._local).double().square().sum() if self._local else None
-            big = torch.stack(self._averaged).double().square().sum() if self._averaged else None
-            count = 1.0
-            self._local.clear()
-            self._averaged.clear()
-        else:
-            small, count = self._small, float(self._micro)
+        local, averaged, micro = list(self._local), list(self._averaged), self._micro
+        self._local.clear()  # (in place: the DDP hook holds these lists)
+        self._averaged.clear()
+        self._micro = 0
+        if self.source == "micro":  # the big batch: the gradients as the step leaves them
             grads = [p.grad for p in self.params if p.grad is not None]
-            big = torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads and full else None
-            self._small, self._micro = None, 0
-        if not full or small is None or big is None or count < (1 if self.source == "ddp" else 2):
+            averaged = list(torch._foreach_norm(grads)) if grads and full and micro == self.w else []
+            count, scale = float(micro), float(micro * micro)
+        else:
+            count, scale = 1.0, 1.0
+        if not full or not local or not averaged:
             return
+        squares = torch.stack(local + averaged).double().square()
+        small, big = squares[:len(local)].sum() * scale, squares[len(local):].sum()
         if self.scaler is not None:  # 16-bit: the gradients are scaled by S; their squares by S^2
             inverse = self.scaler._get_scale_async().double().reciprocal().square()
             small, big = small * inverse, big * inverse
