@@ -222,7 +222,7 @@ class NoiseScale:
         if self.scaler is not None:  # 16-bit: the gradients are scaled by S; their squares by S^2
             inverse = self.scaler._get_scale_async().double().reciprocal().square()
             small, big = small * inverse, big * inverse
-        values = torch.stack([small, small.new_tensor(count), big, self._one])
+        values = torch.stack([small, self._one * count, big, self._one])  # (no host-to-device copy per step)
         self.sums += torch.where(torch.isfinite(values).all(), values, torch.zeros_like(values))
         self.last = (small / count, big)
 

@@ -425,6 +425,9 @@ class Trainer:
         if self._manual is not None:
             return self._manual.lr_values(self._plan.lr_names)
         multipliers = self.lr_plan.multipliers(self.global_step, self.current_epoch)
+        adascale = self._checkpointer.stepper.adascale if self._checkpointer is not None else None
+        if adascale is not None:  # (lr_scaling="adascale": x the gain now in force)
+            multipliers = adascale.apply(multipliers)
         return lr_values(self._plan.lr_names, self.optimizers, multipliers)
 
     def _bar_enabled(self) -> bool:
