@@ -228,7 +228,7 @@ def test_adascale_gain_and_tau_follow_the_formula(noise, expected):
     trainer = syncstep.Trainer(max_steps=40, lr_scaling="adascale", accumulate_grad_batches=k, log_every_n_steps=5,
                                reference_batch_size=8, enable_progress_bar=False, logger=[recorder],
                                enable_checkpointing=False, enable_model_summary=False, seed=0)
-    trainer.fit(Quadratic(dim), DataLoader(data, batch_size=8, shuffle=True))
+    trainer.fit(Quadratic(dim, lr=1e-9), DataLoader(data, batch_size=8, shuffle=True))  # (w stays ~0)
     rows = [r for r in recorder.rows if "noise_scale/gain" in r]
     r_final = rows[-1]["noise_scale/gain"]
     r_exact = (trace / 8 + grad_sq) / (trace / 64 + grad_sq)
@@ -242,6 +242,7 @@ def test_adascale_gain_and_tau_follow_the_formula(noise, expected):
     gains = [1.0] + [r["noise_scale/gain"] for r in rows]
     for i, row in enumerate(rows):
         assert row["adascale/tau"] == pytest.approx(5 * sum(gains[:i + 1]), rel=1e-12)
+        assert row["lr-SGD"] == pytest.approx(1e-9 * gains[i], rel=1e-12)  # the LR the last step applied
     # the run ends at the first step where tau reaches the reference run's 40 x 8 = 320 steps
     tau, steps = 0.0, 0
     while tau < 320 - 1e-9:
