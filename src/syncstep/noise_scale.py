@@ -223,7 +223,7 @@ class NoiseScale:
             inverse = self.scaler._get_scale_async().double().reciprocal().square()
             small, big = small * inverse, big * inverse
         values = torch.stack([small, self._one * count, big, self._one])  # (no host-to-device copy per step)
-        self.sums += torch.where(torch.isfinite(values).all(), values, torch.zeros_like(values))
+        self.sums += torch.where(torch.isfinite(values).all(), values, 0.0)
         self.last = (small / count, big)
 
     # -- at logging steps (every rank) -------------------------------------------------------------
