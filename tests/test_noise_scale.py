@@ -83,6 +83,7 @@ PLUMBING = [
     {"name": "accum", "n": 88, "batch_size": 4, "accumulate": 2, "steps": 6},
     {"name": "clip", "n": 40, "batch_size": 4, "clip": 0.05, "steps": 5},
 ]
+ADASCALE_DDP = {"name": "adascale", "n": 64, "batch_size": 4, "steps": 12, "lr_scaling": "adascale"}
 
 
 def reference_norms(n: int, batch_size: int, steps: int, accumulate: int = 1, clip: float | None = None,
@@ -120,10 +121,10 @@ def reference_norms(n: int, batch_size: int, steps: int, accumulate: int = 1, cl
 def ddp_norms(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("noise_ddp")
     spec = tmp / "configs.json"
-    spec.write_text(json.dumps(PLUMBING))
+    spec.write_text(json.dumps([*PLUMBING, ADASCALE_DDP]))
     run([sys.executable, str(SCRIPTS / "noise_ddp.py"), str(spec)], timeout=240, cwd=str(tmp))
     return {c["name"]: [torch.load(tmp / f"{c['name']}.rank{r}.pt", weights_only=False) for r in range(2)]
-            for c in PLUMBING}
+            for c in [*PLUMBING, ADASCALE_DDP]}
 
 
 @pytest.mark.parametrize("config", PLUMBING, ids=[c["name"] for c in PLUMBING])
@@ -314,3 +315,13 @@ def test_adascale_without_a_measurable_noise_scale_is_an_error_that_says_why():
     trainer = syncstep.Trainer(max_steps=2, lr_scaling="adascale", reference_batch_size=8, **QUIET)
     with pytest.raises(ValueError, match="not measurable with one batch per step.*accumulate_grad_batches >= 2"):
         trainer.fit(Frozen(False), DataLoader(digits_subset(64), batch_size=16))
+
+
+def test_adascale_on_ddp_applies_one_gain_on_every_rank(ddp_norms):
+    """Every rank derives the gain from the same all-reduced sums: the same LR, tau and weights everywhere."""
+    first, second = ddp_norms["adascale"]
+    assert first["gain"] == second["gain"] and first["tau"] == second["tau"]
+    assert 1.0 < first["gain"] <= 2.0  # k = 2: 2 processes x batch 4 against the per-device reference 4
+    assert first["tau"] >= 12 * 2 and first["global_step"] == second["global_step"] > 12
+    for key, value in first["params"].items():
+        assert torch.equal(value, second["params"][key]), key

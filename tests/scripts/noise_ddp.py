@@ -37,7 +37,7 @@ def main(spec_path: str) -> None:
     for config in configs:
         norms = Norms()
         trainer = syncstep.Trainer(
-            accelerator="cpu", devices=2, strategy="ddp", noise_scale=True, lr_scaling="none",
+            accelerator="cpu", devices=2, strategy="ddp", noise_scale=True, lr_scaling=config.get("lr_scaling", "none"),
             max_steps=config["steps"],
             accumulate_grad_batches=config.get("accumulate", 1), gradient_clip_val=config.get("clip"),
             log_every_n_steps=2, enable_progress_bar=False, logger=False, enable_checkpointing=False,
@@ -45,7 +45,10 @@ def main(spec_path: str) -> None:
         )
         model = Tiny(lr=0.5)
         trainer.fit(model, loader(dataset(config["n"]), config["batch_size"]))
-        torch.save({"norms": norms.rows, "result": trainer.noise_scale},
+        adascale = trainer._checkpointer.stepper.adascale
+        torch.save({"norms": norms.rows, "result": trainer.noise_scale, "global_step": trainer.global_step,
+                    "tau": adascale.tau if adascale else None, "gain": adascale.gain if adascale else None,
+                    "params": {k: v.detach().clone() for k, v in model.state_dict().items()}},
                    f"{config['name']}.rank{trainer.global_rank}.pt")
 
 
