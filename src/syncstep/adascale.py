@@ -27,14 +27,15 @@ from syncstep.optim import step_schedulers
 
 
 class AdaScale:
-    def __init__(self, *, meter: Any, rules: list[str], batch: Any, steps_per_epoch: int, total_steps: int) -> None:
+    def __init__(self, *, meter: Any, rules: list[str], batch: Any, target: float, epoch_samples: int) -> None:
         self.meter, self.rules = meter, rules
         self.reference_batch, self.global_batch = batch.reference_batch_size, batch.global_batch_size
         self.k = batch.k
         self.gain = 1.0
         self.tau = 0.0
-        self.target = total_steps * self.k  # the reference run's optimizer steps
-        self.reference_steps_per_epoch = max(steps_per_epoch, 1) * self.k
+        self.target = target  # the reference run's steps (reference_steps)
+        self.reference_steps_per_epoch = max(epoch_samples, 1) / self.reference_batch
+        self.step_samples = self.global_batch  # of the step being taken (the loop sets it; short last steps)
         self.factors = [1.0] * len(rules)
 
     @property
@@ -57,8 +58,11 @@ class AdaScale:
         return [m * f for m, f in zip(multipliers, self.factors)]
 
     def advance(self, scheduler_configs: list, metric_values: dict) -> None:
-        """After an optimizer step: tau += r, and the schedulers for each whole step / epoch of tau passed."""
-        old, self.tau = self.tau, self.tau + self.gain
+        """After an optimizer step: tau += r (x the step's share of a full batch), and the schedulers for
+        each whole step / epoch of tau passed."""
+        samples = self.step_samples
+        old = self.tau
+        self.tau += self.gain if samples == self.global_batch else self.gain * samples / self.global_batch
         if not scheduler_configs:
             return
         for count in range(math.floor(old) + 1, math.floor(self.tau) + 1):
@@ -88,13 +92,30 @@ def build(config: Any, strategy: Any, plan: Any, meter: Any) -> AdaScale | None:
         raise ValueError(f"lr_scaling='adascale' takes its gain from the gradient noise scale, which is not "
                          f"measurable with {why}; or use lr_scaling='linear' / 'sqrt'.")
     return AdaScale(meter=meter, rules=[o.rule for o in plan.lr.optimizers], batch=plan.batch,
-                    steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
+                    target=reference_steps(config, plan), epoch_samples=epoch_samples(plan))
 
 
-def summary_line(total_steps: int, k: float, max_epochs: int | None) -> str:
+def epoch_samples(plan: Any) -> int:
+    """Samples in an epoch (the steps x the global batch when the user's loader decides)."""
+    layout = plan.train.layout
+    known = plan.train.distributed_sampler and layout is not None and layout.num_samples
+    return layout.num_samples if known else plan.steps_per_epoch * plan.batch.global_batch_size
+
+
+def reference_steps(config: Any, plan: Any) -> float:
+    """The progress tau at which training ends: the planned samples in reference batches (max_epochs x
+    the epoch's samples / reference batch, or max_steps x k when max_steps ends the run first); a short
+    last step of an epoch counts by its share of the batch, so that at k = 1 this is the plain run."""
+    k, epochs = plan.batch.k, config.max_epochs
+    if epochs is not None and (config.max_steps < 0 or plan.steps_per_epoch * epochs <= config.max_steps):
+        return epochs * epoch_samples(plan) / plan.batch.reference_batch_size
+    return plan.total_steps * k
+
+
+def summary_line(target: float, total_steps: int, k: float, max_epochs: int | None) -> str:
     epochs = f", at most {max_epochs * max(math.ceil(k), 1)} epochs" if max_epochs is not None else ""
     return (f"  adascale: LR x gain r (sqrt(r) for adaptive optimizers), r = 1 until the first noise estimate, "
             f"then refreshed at each logging step; the schedulers and the end of training follow tau = sum of r "
-            f"(scale-invariant steps): training ends at tau = {total_steps * k:.6g}, the reference run's steps "
-            f"({total_steps} x k = {k:.6g}), after {total_steps} optimizer steps if r stays at k and up to "
-            f"{math.ceil(total_steps * k)} if r falls to 1{epochs}")
+            f"(scale-invariant steps): training ends at tau = {target:.6g}, the reference run's steps (the "
+            f"planned samples / the reference batch; k = {k:.6g}), after about {total_steps} optimizer steps if r "
+            f"stays at k and up to {math.ceil(total_steps * k)} if r falls to 1{epochs}")

@@ -28,6 +28,7 @@ from typing import Any
 from syncstep import checkpoint as ckpt
 from syncstep import noise_scale
 from syncstep.adascale import build as build_adascale
+from syncstep.adascale import reference_steps
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
@@ -105,6 +106,7 @@ def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
                    num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
                    total_steps=plan.total_steps, requested_rule=config.lr_scaling, max_epochs=config.max_epochs,
+                   adascale_target=reference_steps(config, plan) if config.lr_scaling == "adascale" else None,
                    extra=[*strategy.summary_lines(plan.optimizers),
                           *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
 
@@ -322,6 +324,8 @@ class FitLoop:
                 batch_idx += 1
             if noise is not None:
                 noise.end_step(step_samples == full_step)
+            if adascale is not None:  # (tau counts a short last step by its share of the batch)
+                adascale.step_samples = step_samples
             if step is not None:
                 step()
             if batch_hooks:

@@ -305,6 +305,7 @@ def summary(
     requested_rule: str,
     extra: list[str] | tuple[str, ...] = (),
     max_epochs: int | None = None,
+    adascale_target: float | None = None,
 ) -> str:
     """The start-up block printed once on rank 0; ``extra``: the strategy's own lines (fsdp's sharding)."""
     b = batch
@@ -329,7 +330,8 @@ def summary(
     if any(o.rule.startswith("adascale") for o in lr.optimizers):
         from syncstep.adascale import summary_line
 
-        lines.append(summary_line(total_steps, b.k, max_epochs))
+        target = total_steps * b.k if adascale_target is None else adascale_target
+        lines.append(summary_line(target, total_steps, b.k, max_epochs))
     w = lr.warmup
     if w.length:
         start = "the unscaled LR" if w.start is None else f"{_fmt(w.start)} x the scaled LR"
