@@ -11,7 +11,8 @@ AdaScale (Johnson et al., ICML 2020) at a global batch S x the reference batch:
 r starts at 1 and is refreshed at every logging step from the moving averages of |G|^2 and tr(Sigma)
 (noise_scale.py), so no host sync is added per step. The user's step-interval schedulers step once per
 whole unit of tau, the epoch-interval ones once per reference epoch of tau (k x the steps of an epoch
-here), and training ends when tau reaches the reference run's steps (the planned steps x k): a run at
+here), and training ends when tau reaches the reference run's steps (the planned samples / the
+reference batch; a short last step of an epoch adds r x its share of a full batch): a run at
 k x the batch makes the progress of the reference run in fewer optimizer steps, taking more epochs
 than planned when r < k (at most k x as many).
 """
