@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from syncstep import compile as compile_model
 from syncstep.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from syncstep.config import TrainerConfig, unknown_arguments
 from syncstep.data import inspect_loader
@@ -43,6 +44,7 @@ from syncstep.stages import (
 from syncstep.state import RunState
 from syncstep.step import ManualOptimization, lr_values
 from syncstep.strategies.common import StepRunner
+from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.strategies.select import select_strategy
 
@@ -66,7 +68,7 @@ class Trainer:
         max_steps: int = -1,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
-        strategy: str | FSDPStrategy = "auto",
+        strategy: str | FSDPStrategy | DDPStrategy = "auto",
         num_nodes: int = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
@@ -109,6 +111,9 @@ class Trainer:
         inference_mode: bool = True,
         sync_batchnorm: bool = False,
         detect_anomaly: bool = False,
+        compile: bool | dict = False,
+        flops_per_sample: float | None = None,
+        peak_flops_per_device: float | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -287,7 +292,7 @@ class Trainer:
         Raises :class:`syncstep.Preempted` (a ``SystemExit`` with code 143) on every rank when a
         SIGTERM stopped the run after writing a checkpoint.
         """
-        self._check_module(model)
+        model = self._check_module(model)
         train_dataloaders, datamodule = split_datamodule(train_dataloaders, datamodule)
         self._check_loaders(train_dataloaders, "train_dataloaders")
         self._check_loaders(val_dataloaders, "val_dataloaders")
@@ -328,7 +333,7 @@ class Trainer:
                 return_predictions: bool | None = None, ckpt_path: str | None = None) -> Any:
         """``predict_step`` over every sample once (exact sharding, no padding), the predictions gathered in
         dataset order on every rank: a list of batches (a list of such lists for several loaders)."""
-        model = stage_model(self, model, "predict")
+        model = self._check_module(stage_model(self, model, "predict"))
         dataloaders, datamodule = split_datamodule(dataloaders, datamodule)
         self._check_loaders(dataloaders, "dataloaders")
         self.strategy.launch()
@@ -361,7 +366,7 @@ class Trainer:
         Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
         the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
         """
-        self._check_module(model)
+        model = self._check_module(model)
         loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
         self._check_loaders(loader, "train_dataloaders")
         plan = self._set_plan(plan_fit(self.config, self.strategy, model, loader, lambda make: make()))
@@ -383,8 +388,7 @@ class Trainer:
 
     def _evaluate_entry(self, model: Module | None, loaders: Any, ckpt_path: str | None, stage: str,
                         datamodule: Any) -> list[dict]:
-        model = stage_model(self, model, stage)
-        self._check_module(model)
+        model = self._check_module(stage_model(self, model, stage))
         loaders, datamodule = split_datamodule(loaders, datamodule)
         self._check_loaders(loaders, "dataloaders")
         self.strategy.launch()
@@ -429,12 +433,15 @@ class Trainer:
         return self.config.enable_progress_bar and self.is_global_zero and not (bars and bars[0].refresh_rate == 0)
 
     @staticmethod
-    def _check_module(model: Any) -> None:
+    def _check_module(model: Any) -> Module:
+        """The model to run (the Module inside a user's torch.compile), or a TypeError."""
+        model = compile_model.unwrap(model)
         if not isinstance(model, Module):
             raise TypeError(
                 f"Trainer needs a syncstep.Module, got {type(model).__name__}. Subclass syncstep.Module and "
                 "define training_step and configure_optimizers."
             )
+        return model
 
     def _check_loaders(self, loaders: Any, what: str) -> None:
         if loaders is None or not self.config.use_distributed_sampler:
@@ -461,6 +468,7 @@ class Trainer:
             if stage == "fit" and self.config.sync_batchnorm and strategy.num_processes > 1:
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             strategy.setup(StepRunner(model, self._logs.context))
+            compile_model.apply(model, self.config.compile, strategy)  # after the strategy wrapped it (compile.py)
             yield
         except BaseException as error:
             if isinstance(error, Exception):

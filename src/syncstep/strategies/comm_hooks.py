@@ -40,7 +40,10 @@ POWERSGD_OPTIONS = ("matrix_approximation_rank", "start_powerSGD_iter", "min_com
 # syncstep's default for start_powerSGD_iter: torch's 1000 would leave short runs uncompressed
 DEFAULT_START_POWERSGD_ITER = 10
 
-Hook = Callable[[Any, Any], Any]  # (state, torch.distributed.GradBucket) -> Future[Tensor]
+# (state, bucket: torch.distributed.GradBucket) -> Future[Tensor]. DDP checks a hook's signature: its
+# second parameter must be named ``bucket``, and annotations, if any, must be real types (not strings,
+# as ``from __future__ import annotations`` makes them): leave them out.
+Hook = Callable[[Any, Any], Any]
 Wrapper = Callable[[Any, Hook], tuple[Any, Hook]]
 
 
@@ -75,6 +78,7 @@ def build_comm_hook(name: str | None, options: dict | None, process_group: Any) 
 
     For no compression: torch's ``allreduce_hook`` with the process group as its state.
     """
+    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     options = check_options(name, options)
@@ -83,10 +87,87 @@ def build_comm_hook(name: str | None, options: dict | None, process_group: Any) 
     if name == "fp16":
         return process_group, default_hooks.fp16_compress_hook
     if name == "bf16":
-        return process_group, default_hooks.bf16_compress_hook
+        nccl = dist.get_backend(process_group) == "nccl"
+        return process_group, default_hooks.bf16_compress_hook if nccl else bf16_allreduce_hook
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
     return powerSGD_hook.PowerSGDState(process_group=process_group, **options), powerSGD_hook.powerSGD_hook
+
+
+def bf16_allreduce_hook(process_group, bucket):  # (no annotations: see Hook above)
+    """torch's ``bf16_compress_hook`` for any backend, under another name: DDP refuses torch's by name off NCCL
+    (a check from the time NCCL alone reduced bf16), though gloo all-reduces bf16 too."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(group.size())
+
+    def decompress(future):
+        buffer.copy_(future.value()[0])  # in place: no second full-size buffer
+        return buffer
+
+    return dist.all_reduce(compressed, group=group, async_op=True).get_future().then(decompress)
+
+
+class _OrderedBucket:
+    """A bucket's gradients as one flat tensor in a fixed order (last parameter first), whatever order
+    DDP's bucket holds them in; the bucket's index is its last parameter's."""
+
+    def __init__(self, bucket: Any, positions: list[int], index: int) -> None:
+        self.bucket, self.positions, self._index = bucket, positions, index
+        grads = bucket.gradients()
+        self.in_place = positions == list(range(len(positions)))  # already in order: no copies
+        if self.in_place:
+            self.flat, self.views = bucket.buffer(), grads
+            return
+        self.flat = torch.cat([grads[i].reshape(-1) for i in positions])
+        self.views, offset = [], 0
+        for i in positions:
+            self.views.append(self.flat[offset:offset + grads[i].numel()].view_as(grads[i]))
+            offset += grads[i].numel()
+
+    def buffer(self) -> torch.Tensor:
+        return self.flat
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self.views
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self.bucket.is_last()
+
+    def copy_back(self, future: Any) -> torch.Tensor:
+        if self.in_place:
+            return self.flat
+        grads = self.bucket.gradients()
+        for i, view in zip(self.positions, self.views):
+            grads[i].copy_(view)
+        return self.bucket.buffer()
+
+
+def in_parameter_order(hook: Hook, ddp_model: Any) -> Hook:
+    """``hook`` (PowerSGD) shown each bucket in the same order and under the same index in every run.
+
+    DDP first buckets the parameters in definition order and, after the first step, rebuilds the
+    buckets in the order the gradients became ready. PowerSGD keys its error feedback and P, Q by
+    bucket index and lays them out in the bucket's order, so a run resumed from a checkpoint (whose
+    first step has the initial buckets) would add each saved residual to the wrong gradients. Shown
+    the gradients last parameter first, under the bucket's last parameter's index, PowerSGD's state
+    means the same in every run; a bucket whose membership differs (the initial first bucket of a
+    large model) gets an index of its own, so it starts fresh rather than wrong.
+    """
+    index_of = {id(p): i for i, p in enumerate(ddp_model.parameters())}
+
+    def ordered_hook(state, bucket):
+        indices = [index_of[id(p)] for p in bucket.parameters()]
+        positions = sorted(range(len(indices)), key=lambda i: -indices[i])
+        ordered = _OrderedBucket(bucket, positions, max(indices))
+        return hook(state, ordered).then(ordered.copy_back)
+
+    return ordered_hook
 
 
 def register(ddp_model: Any, state: Any, hook: Hook, wrappers: Sequence[Wrapper] = ()) -> tuple[Any, Hook]:
@@ -96,8 +177,10 @@ def register(ddp_model: Any, state: Any, hook: Hook, wrappers: Sequence[Wrapper]
     With no wrapper and torch's plain ``allreduce_hook``, nothing is registered: DDP's built-in
     all-reduce computes the same average without a Python call per bucket.
     """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
+    if hook is powerSGD_hook.powerSGD_hook:
+        hook = in_parameter_order(hook, ddp_model)
     for wrap in wrappers:
         state, hook = wrap(state, hook)
     if hook is default_hooks.allreduce_hook:

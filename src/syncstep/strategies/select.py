@@ -116,15 +116,17 @@ def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str
 def select_strategy(config: Any, env: Environment) -> Any:
     """The strategy object for ``config`` in this process's ``env`` (nothing is started yet).
 
-    ``config.strategy`` is a name, or the user's ``FSDPStrategy(...)``: its options go to the running
-    fsdp strategy built here with the devices.
+    ``config.strategy`` is a name, or the user's ``FSDPStrategy(...)`` / ``DDPStrategy(...)``: its options
+    go to the running fsdp / ddp strategy built here with the devices.
     """
-    from syncstep.strategies import STRATEGIES, FSDPStrategy
+    from syncstep.strategies import STRATEGIES, DDPStrategy, FSDPStrategy
 
     accelerator, device_ids, num_devices = resolve_devices(config.accelerator, config.devices, env)
     requested, options = config.strategy, {}
     if isinstance(requested, FSDPStrategy):
         requested, options = "fsdp", {"options": requested}
+    elif isinstance(requested, DDPStrategy):
+        requested, options = "ddp", {"options": requested}
     name = resolve_strategy(requested, num_devices, config.num_nodes, env)
     return STRATEGIES[name](accelerator=accelerator, device_ids=device_ids, num_devices=num_devices,
                             num_nodes=config.num_nodes, env=env, timeout=config.timeout,
