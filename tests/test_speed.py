@@ -4,6 +4,10 @@ uncompiled / uninterrupted run. The two-process runs share one launch (scripts/s
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -12,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import syncstep
-from common import Tiny, dataset, loader, make_net
-from helpers import SCRIPTS, assert_params_close, run
+from common import Tiny, dataset, loader, make_net, reference_sgd
+from helpers import SCRIPTS, assert_params_close, clean_env, free_port, kill_tree, run
 
 # -- two processes: one launch for every scenario ------------------------------------------------
 
@@ -177,3 +181,56 @@ def test_bad_speed_arguments_say_what_to_do():
         trainer(flops_per_sample=0)
     with pytest.raises(ValueError, match="does not work with strategy='dp'"):
         trainer(strategy="dp", devices=2, compile=True, max_steps=1).fit(Tiny(), loader(dataset(8), 4))
+
+
+# -- elastic: torchrun --nnodes=1:2, one agent stopped mid-run -------------------------------------
+
+
+def test_elastic_run_finishes_on_the_remaining_node_as_an_uninterrupted_run(tmp_path):
+    """Two torchrun agents (one process each) with --nnodes=1:2; when rank 1 reaches step 5 its agent is
+    killed, and the other agent restarts its worker alone: it resumes from the step-4 checkpoint with
+    world size 1 (accumulation 2 instead of 1, global batch 8 either way) and must end where one
+    process with batch 8 ends."""
+    marker = tmp_path / "stalled.txt"
+    config = {"name": "elastic", "n": 64, "batch_size": 4, "devices": 1, "num_nodes": "auto",
+              "global_batch_size": 8, "max_steps": 8, "lr": 0.1, "enable_checkpointing": True,
+              "ckpt_every_n_steps": 2, "timeout": 60, "root": str(tmp_path),
+              "fail": {"rank": 1, "step": 5, "kind": "sleep", "seconds": 120, "marker": str(marker)}}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([config]))
+    port = free_port()
+
+    def agent(is_host: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+               "--max-restarts=3", "--monitor-interval=0.5", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}",
+               # short rendezvous timings: a dead agent is noticed after 2 missed 1 s heartbeats
+               f"--rdzv-conf=is_host={is_host},last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
+               str(SCRIPTS / "fit_configs.py"), str(spec)]
+        return subprocess.Popen(cmd, cwd=str(tmp_path), env=clean_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    stays = agent(1)  # the rendezvous store lives in this agent, which must outlive the other
+    time.sleep(0.5)
+    leaves = agent(0)
+    try:
+        deadline = time.monotonic() + 150
+        while not marker.exists():
+            assert time.monotonic() < deadline and stays.poll() is None, "rank 1 never reached step 5"
+            time.sleep(0.2)
+        kill_tree(leaves.pid)
+        out, _ = stays.communicate(timeout=150)
+    finally:
+        for proc in (stays, leaves):
+            kill_tree(proc.pid)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        leaves.communicate()
+    assert stays.returncode == 0, out[-6000:]
+    assert "world size 2 (1 device x 2 nodes)" in out and "world size 1 (1 device x 1 node)" in out, out[-6000:]
+    assert re.search(r"resumed from .*: epoch 0, step 4, 32 samples", out), out[-6000:]
+    assert "world size 2 -> 1, global batch 8 -> 8 (accumulation 1 -> 2)" in out
+    params = torch.load(tmp_path / "elastic.rank0.pt", weights_only=True)
+    assert_params_close(params, reference_sgd(n=64, global_batch=8, steps=8, lr=0.1), atol=1e-6)

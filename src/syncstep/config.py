@@ -60,8 +60,11 @@ class TrainerConfig:
     """"single", "dp", "ddp", "ddp_find_unused_parameters_true", "fsdp", ``syncstep.FSDPStrategy(...)``
     (fsdp with options) or ``syncstep.DDPStrategy(...)`` (ddp with options: communication hook, buckets);
     auto: single for one device, else ddp."""
-    num_nodes: int = 1
-    """Machines; must match what torchrun or SLURM started."""
+    num_nodes: int | str = 1
+    """Machines; must match what torchrun or SLURM started. "auto": whatever the launcher started, which
+    under elastic torchrun (``--nnodes=MIN:MAX``) may change from one restart to the next: each restart
+    resumes from the last checkpoint on the new world size (fix ``global_batch_size`` to keep the same
+    run; without it the LR is re-derived for the new global batch, and said so)."""
     precision: str | int = "32"
     """"32", "bf16-mixed" or "16-mixed" (with a gradient scaler); normalised to one of these."""
     accumulate_grad_batches: int | None = None
@@ -176,7 +179,8 @@ class TrainerConfig:
                 "syncstep.DDPStrategy(...), "
                 f"got {got!r}.{hint}"
             )
-        _positive_int("num_nodes", self.num_nodes, allow_none=False)
+        if self.num_nodes != "auto":
+            _positive_int("num_nodes", self.num_nodes, allow_none=False)
         for name in ("accumulate_grad_batches", "global_batch_size", "reference_batch_size",
                      "check_val_every_n_epoch", "ckpt_every_n_epochs", "ckpt_every_n_steps"):
             _positive_int(name, getattr(self, name))

@@ -90,7 +90,8 @@ def check_optimizer_parameters(model: Module, optimizers: list) -> None:
 
 def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
-                   num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
+                   num_nodes=strategy.world_size // strategy.num_devices, batch=plan.batch, lr=plan.lr,
+                   steps_per_epoch=plan.steps_per_epoch,
                    total_steps=plan.total_steps, requested_rule=config.lr_scaling,
                    extra=strategy.summary_lines(plan.optimizers))
 
@@ -100,7 +101,7 @@ def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]
     b, lr = plan.batch, plan.lr
     return {
         "strategy": strategy.name, "accelerator": strategy.root_device.type, "world_size": b.world_size,
-        "num_nodes": config.num_nodes, "per_device_batch_size": b.per_device_batch_size,
+        "num_nodes": strategy.world_size // strategy.num_devices, "per_device_batch_size": b.per_device_batch_size,
         "accumulate_grad_batches": b.accumulate_grad_batches, "global_batch_size": b.global_batch_size,
         "reference_batch_size": b.reference_batch_size, "lr_scaling": config.lr_scaling,
         "lr_factors": [o.factor for o in lr.optimizers], "precision": config.precision,

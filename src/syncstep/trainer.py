@@ -69,7 +69,7 @@ class Trainer:
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
         strategy: str | FSDPStrategy | DDPStrategy = "auto",
-        num_nodes: int = 1,
+        num_nodes: int | str = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
         global_batch_size: int | None = None,
@@ -173,7 +173,7 @@ class Trainer:
 
     @property
     def num_nodes(self) -> int:
-        return self.config.num_nodes
+        return self.strategy.world_size // self.strategy.num_devices  # (num_nodes="auto" resolved)
 
     @property
     def max_epochs(self) -> int | None:

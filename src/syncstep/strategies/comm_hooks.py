@@ -74,7 +74,8 @@ def check_options(name: Any, options: dict | None) -> dict:
 
 
 def build_comm_hook(name: str | None, options: dict | None, process_group: Any) -> tuple[Any, Hook]:
-    """``(state, hook)`` to register on DDP for the hook ``name`` with ``options`` over ``process_group``.
+    """``(state, hook)`` to register on DDP for the hook ``name`` with ``options`` over ``process_group``
+    (None: the default group, as in torch's hooks).
 
     For no compression: torch's ``allreduce_hook`` with the process group as its state.
     """
@@ -87,7 +88,7 @@ def build_comm_hook(name: str | None, options: dict | None, process_group: Any) 
     if name == "fp16":
         return process_group, default_hooks.fp16_compress_hook
     if name == "bf16":
-        nccl = dist.get_backend(process_group) == "nccl"
+        nccl = dist.get_backend(process_group) == "nccl"  # (None: the default group's backend)
         return process_group, default_hooks.bf16_compress_hook if nccl else bf16_allreduce_hook
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 

@@ -91,8 +91,9 @@ class DDP(ProcessPerDevice):
             static_graph=self.options.static_graph,
             **({} if self.options.bucket_cap_mb is None else {"bucket_cap_mb": self.options.bucket_cap_mb}),
         )
-        state, hook = comm_hooks.build_comm_hook(self.options.ddp_comm_hook, self.options.ddp_comm_options,
-                                                 dist.group.WORLD)
+        # process_group None: torch's hooks then use the default group, and the strategy, which outlives the
+        # fit, holds no reference to it (one would keep gloo's threads alive until interpreter shutdown)
+        state, hook = comm_hooks.build_comm_hook(self.options.ddp_comm_hook, self.options.ddp_comm_options, None)
         comm_hooks.register(self.ddp, state, hook, self.comm_hook_wrappers)
         self.comm_state = state
 
