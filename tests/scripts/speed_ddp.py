@@ -4,8 +4,8 @@ Usage: python speed_ddp.py SCENARIO [SCENARIO ...]   (in the directory the resul
 
 hooks      one step with each of the fp16 / bf16 communication hooks: every rank's batch and the
            gradients DDP leaves after backward (hooks.<hook>.rank<r>.pt)
-powersgd   12 steps with PowerSGD straight through, and 6 + 6 resumed from the step-6 checkpoint, and
-           the same resumed from a copy of that checkpoint without the hook's state (control)
+powersgd   12 steps with PowerSGD (two buckets) straight through, and 6 + 6 resumed from the step-6
+           checkpoint, and the same resumed from a copy of that checkpoint without the hook's state (control)
 compile    5 steps compiled (aot_eager) and uncompiled
 straggler  6 steps with rank 1 sleeping in every training_step; the logged rows (rank 0)
 demo       the digits demo with PowerSGD: the final validation accuracy
@@ -80,7 +80,9 @@ def hooks() -> None:
 
 
 def powersgd() -> None:
-    strategy = syncstep.DDPStrategy(ddp_comm_hook="powersgd",
+    # buckets of 200 bytes: DDP starts with one bucket and rebuilds two after the first step (so a resumed
+    # run's first step has other buckets than the steps before its checkpoint)
+    strategy = syncstep.DDPStrategy(ddp_comm_hook="powersgd", bucket_cap_mb=0.0002,
                                     ddp_comm_options={"matrix_approximation_rank": 1, "start_powerSGD_iter": 2})
     data = loader(dataset(96), 4)
     kwargs = {"strategy": strategy, "enable_checkpointing": True, "ckpt_every_n_steps": 6}

@@ -92,7 +92,7 @@ def build_comm_hook(name: str | None, options: dict | None, process_group: Any) 
         return process_group, default_hooks.bf16_compress_hook if nccl else bf16_allreduce_hook
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-    return powerSGD_hook.PowerSGDState(process_group=process_group, **options), powerSGD_hook.powerSGD_hook
+    return _stable_state_class()(process_group=process_group, **options), powerSGD_hook.powerSGD_hook
 
 
 def bf16_allreduce_hook(process_group, bucket):  # (no annotations: see Hook above)
@@ -113,7 +113,7 @@ def bf16_allreduce_hook(process_group, bucket):  # (no annotations: see Hook abo
 
 class _OrderedBucket:
     """A bucket's gradients as one flat tensor in a fixed order (last parameter first), whatever order
-    DDP's bucket holds them in; the bucket's index is its last parameter's."""
+    DDP's bucket holds them in, under an index that names its members."""
 
     def __init__(self, bucket: Any, positions: list[int], index: int) -> None:
         self.bucket, self.positions, self._index = bucket, positions, index
@@ -149,24 +149,133 @@ class _OrderedBucket:
         return self.bucket.buffer()
 
 
+def _stable_state_class() -> type:
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+
+    global _StableState
+    if _StableState is None:
+        class StablePowerSGDState(PowerSGDState):
+            """PowerSGDState, plus its buffers kept per parameter whenever DDP's buckets change (see
+            ``in_parameter_order``), and so in checkpoints."""
+
+            __slots__ = ("layouts", "per_parameter", "last_seen", "iteration")
+
+            def __init__(self, **options: Any) -> None:
+                super().__init__(**options)
+                # bucket index -> [(parameter index, numel, (n, m, rank) if PowerSGD compresses it, else None)]
+                self.layouts: dict[int, list[tuple[int, int, tuple | None]]] = {}
+                self.per_parameter: dict[int, dict[str, torch.Tensor]] = {}  # "error", "p", "q" of a parameter
+                self.last_seen: dict[int, int] = {}  # bucket index -> the backward that last used it
+                self.iteration = 0
+
+        _StableState = StablePowerSGDState
+    return _StableState
+
+
+_StableState: Any = None
+
+
+def _layout(state: Any, ordered: _OrderedBucket, indices: list[int]) -> list[tuple[int, int, tuple | None]]:
+    """What PowerSGD does with each tensor of the bucket (its own rule: compress an n x m matrix when
+    (n + m) x rank x min_compression_rate < n x m)."""
+    out = []
+    for index, grad in zip(indices, ordered.views):
+        n = grad.shape[0]
+        m = grad.numel() // n
+        rank = min(n, m, state.matrix_approximation_rank)
+        compressed = (n + m) * rank * state.min_compression_rate < n * m
+        out.append((index, grad.numel(), (n, m, rank) if compressed else None))
+    return out
+
+
+def _p_order(layout: list) -> list:
+    """The compressed tensors in the order of PowerSGD's P and Q memory: grouped by shape, in the order
+    each shape first appears (its shape_to_tensors dict), bucket order within a shape."""
+    groups: dict[tuple, list] = {}
+    for entry in layout:
+        if entry[2] is not None:
+            groups.setdefault(entry[2][:2], []).append(entry)
+    return [entry for group in groups.values() for entry in group]
+
+
+def _split(state: Any, key: int, into: dict, remove: bool) -> None:
+    """Bucket ``key``'s error, P and Q cut into per-parameter pieces in ``into``."""
+    layout = state.layouts[key]
+    get = (lambda d: d.pop(key, None)) if remove else (lambda d: d.get(key))
+    error, p, q = get(state.error_dict), get(state.p_memory_dict), get(state.q_memory_dict)
+    if error is not None and error.numel() == sum(numel for _, numel, _ in layout):
+        offset = 0
+        for index, numel, _ in layout:
+            into.setdefault(index, {})["error"] = error[offset:offset + numel].clone()
+            offset += numel
+    order = _p_order(layout)
+    if p is not None and q is not None and p.numel() == sum(n * r for _, _, (n, _, r) in order):
+        p_at = q_at = 0
+        for index, _, (n, m, r) in order:
+            into.setdefault(index, {}).update(p=p[p_at:p_at + n * r].clone(), q=q[q_at:q_at + m * r].clone())
+            p_at, q_at = p_at + n * r, q_at + m * r
+
+
+def _assemble(state: Any, key: int) -> None:
+    """Bucket ``key``'s error, P and Q from the per-parameter pieces, where every member has its piece."""
+    layout, store = state.layouts[key], state.per_parameter
+    if state.use_error_feedback and all("error" in store.get(i, {}) for i, _, _ in layout):
+        state.error_dict[key] = torch.cat([store[i].pop("error") for i, _, _ in layout])
+    order = _p_order(layout)
+    if state.warm_start and order and all("p" in store.get(i, {}) and "q" in store[i] for i, _, _ in order):
+        state.p_memory_dict[key] = torch.cat([store[i].pop("p") for i, _, _ in order])
+        state.q_memory_dict[key] = torch.cat([store[i].pop("q") for i, _, _ in order])
+    for i, _, _ in layout:
+        if not store.get(i, True):
+            del store[i]
+
+
 def in_parameter_order(hook: Hook, ddp_model: Any) -> Hook:
-    """``hook`` (PowerSGD) shown each bucket in the same order and under the same index in every run.
+    """``hook`` (PowerSGD) with state that means the same in every run, whatever DDP's buckets.
 
     DDP first buckets the parameters in definition order and, after the first step, rebuilds the
-    buckets in the order the gradients became ready. PowerSGD keys its error feedback and P, Q by
+    buckets in the order the gradients became ready. PowerSGD keys its error feedback and its P, Q by
     bucket index and lays them out in the bucket's order, so a run resumed from a checkpoint (whose
-    first step has the initial buckets) would add each saved residual to the wrong gradients. Shown
-    the gradients last parameter first, under the bucket's last parameter's index, PowerSGD's state
-    means the same in every run; a bucket whose membership differs (the initial first bucket of a
-    large model) gets an index of its own, so it starts fresh rather than wrong.
+    first step has the initial buckets) would add each saved residual to the wrong gradients. So
+    PowerSGD is shown each bucket's gradients last parameter first, under an index that names the
+    bucket's members; and when a bucket it has no state for appears (DDP's buckets changed), the state
+    of the buckets no longer in use is cut into per-parameter pieces and the new bucket's is put
+    together from them. Checkpoints hold the per-parameter pieces (``state_dict``): an exact resume.
+
+    Off NCCL, each bucket also waits for the previous one: PowerSGD issues its second and third
+    all-reduce from callbacks, which gloo runs on its own threads as transfers finish, so with several
+    buckets the ranks could issue them in different orders (a collective mismatch that aborts the job;
+    torch's hook alone does this on a 2-bucket model).
     """
+    import torch.distributed as dist
+
     index_of = {id(p): i for i, p in enumerate(ddp_model.parameters())}
+    count = len(index_of) + 1
+    serialize = dist.get_backend() != "nccl"
+    previous: list[Any] = []  # the last bucket's future, off NCCL
 
     def ordered_hook(state, bucket):
+        if previous:
+            previous.pop().wait()
         indices = [index_of[id(p)] for p in bucket.parameters()]
         positions = sorted(range(len(indices)), key=lambda i: -indices[i])
-        ordered = _OrderedBucket(bucket, positions, max(indices))
-        return hook(state, ordered).then(ordered.copy_back)
+        key = max(indices) * count + len(indices)  # the same members, the same index
+        ordered = _OrderedBucket(bucket, positions, key)
+        stable = hasattr(state, "per_parameter") and state.iter >= state.start_powerSGD_iter
+        if stable:
+            if key not in state.layouts:
+                state.layouts[key] = _layout(state, ordered, [indices[i] for i in positions])
+            if key not in state.error_dict and key not in state.p_memory_dict:  # new buckets: move the state over
+                for old in [k for k in state.layouts if k != key and state.last_seen.get(k, -1) < state.iteration]:
+                    _split(state, old, state.per_parameter, remove=True)
+                _assemble(state, key)
+            state.last_seen[key] = state.iteration
+        future = hook(state, ordered).then(ordered.copy_back)
+        if stable and bucket.is_last():
+            state.iteration += 1
+        if serialize and not bucket.is_last():
+            previous.append(future)
+        return future
 
     return ordered_hook
 
@@ -191,36 +300,36 @@ def register(ddp_model: Any, state: Any, hook: Hook, wrappers: Sequence[Wrapper]
 
 
 def state_dict(state: Any) -> dict | None:
-    """The hook state a checkpoint must hold, as plain tensors and numbers (None: the hook has none)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+    """The hook state a checkpoint must hold, as plain tensors and numbers (None: the hook has none).
 
-    if not isinstance(state, PowerSGDState):
+    PowerSGD's error feedback and P, Q per parameter (index in ``model.parameters()``), so that they
+    load into whatever buckets the resumed DDP has."""
+    if not hasattr(state, "per_parameter"):
         return None
+    pieces = {i: dict(entry) for i, entry in state.per_parameter.items()}
+    for key in state.layouts:
+        _split(state, key, pieces, remove=False)
     kind, keys, pos, has_gauss, cached = state.rng.get_state()
     return {
         "hook": "powersgd",
         "iter": state.iter,
-        "error_dict": {int(k): v.detach().cpu().clone() for k, v in state.error_dict.items()},
-        "p_memory_dict": {int(k): v.detach().cpu().clone() for k, v in state.p_memory_dict.items()},
-        "q_memory_dict": {int(k): v.detach().cpu().clone() for k, v in state.q_memory_dict.items()},
+        "per_parameter": {int(i): {k: v.detach().cpu() for k, v in entry.items()} for i, entry in pieces.items()},
         "rng": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss),
                 "cached_gaussian": float(cached)},
-        "total_numel_before_compression": state.total_numel_before_compression,
-        "total_numel_after_compression": state.total_numel_after_compression,
     }
 
 
-def load_state_dict(state: Any, saved: dict | None, device: torch.device) -> None:
-    """Put what :func:`state_dict` returned back into ``state`` (a PowerSGDState), its tensors on ``device``."""
-    if saved is None or state_dict(state) is None:
+def load_state_dict(state: Any, saved: dict | None, device: torch.device, error_feedback: bool = True) -> None:
+    """Put what :func:`state_dict` returned back into ``state``, its tensors on ``device``;
+    ``error_feedback=False``: without the saved residuals (they are each rank's own)."""
+    if saved is None or not hasattr(state, "per_parameter"):
         return
     import numpy as np
 
     state.iter = int(saved["iter"])
-    for name in ("error_dict", "p_memory_dict", "q_memory_dict"):
-        setattr(state, name, {int(k): v.to(device) for k, v in saved[name].items()})
+    state.error_dict, state.p_memory_dict, state.q_memory_dict, state.layouts = {}, {}, {}, {}
+    state.per_parameter = {int(i): {k: v.to(device) for k, v in entry.items() if error_feedback or k != "error"}
+                           for i, entry in saved["per_parameter"].items()}
     rng = saved["rng"]
     state.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
                          rng["cached_gaussian"]))
-    state.total_numel_before_compression = saved["total_numel_before_compression"]
-    state.total_numel_after_compression = saved["total_numel_after_compression"]

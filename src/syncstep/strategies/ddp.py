@@ -153,7 +153,7 @@ class DDP(ProcessPerDevice):
         if len(ranks) == self.num_processes:
             comm_hooks.load_state_dict(self.comm_state, ranks[self.global_rank], self.collective_device)
             return
-        comm_hooks.load_state_dict(self.comm_state, {**ranks[0], "error_dict": {}}, self.collective_device)
+        comm_hooks.load_state_dict(self.comm_state, ranks[0], self.collective_device, error_feedback=False)
         print_fn(f"syncstep: PowerSGD's error feedback was saved by {len(ranks)} processes and this run has "
                  f"{self.num_processes}; it restarts at zero (each rank's is its own), the rest carries over.")
 
