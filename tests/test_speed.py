@@ -70,12 +70,15 @@ def test_powersgd_demo_reaches_its_accuracy(two_process):
     assert json.loads((two_process / "demo.json").read_text())["val_acc"] >= 0.95
 
 
-def test_compiled_ddp_ends_where_uncompiled_ddp_does(two_process):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_two_process_run_ends_where_the_uncompiled_one_does(two_process, strategy):
     result = torch.load(two_process / "compile.pt", weights_only=True)
     assert result["graphs"] >= 1  # dynamo really captured the forward
-    assert_params_close(result["compiled"], result["eager"], atol=1e-5)
-    assert max((result["compiled"][n] - v).abs().max() for n, v in make_net(0).state_dict().items()
-               for n in [f"net.{n}"]) > 1e-3  # (it trained)
+    assert result[f"{strategy} compiled compiled"] and not result[f"{strategy} eager compiled"]
+    compiled, eager = result[f"{strategy} compiled"], result[f"{strategy} eager"]
+    assert_params_close(compiled, eager, atol=1e-5)
+    initial = {f"net.{n}": v for n, v in make_net(0).state_dict().items()}
+    assert max((compiled[n] - v).abs().max() for n, v in initial.items()) > 1e-3  # (it trained)
 
 
 def test_straggler_is_the_rank_that_sleeps(two_process):

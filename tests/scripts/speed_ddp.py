@@ -6,7 +6,7 @@ hooks      one step with each of the fp16 / bf16 communication hooks: every rank
            gradients DDP leaves after backward (hooks.<hook>.rank<r>.pt)
 powersgd   12 steps with PowerSGD (two buckets) straight through, and 6 + 6 resumed from the step-6
            checkpoint, and the same resumed from a copy of that checkpoint without the hook's state (control)
-compile    5 steps compiled (aot_eager) and uncompiled
+compile    5 steps compiled (aot_eager) and uncompiled, under ddp and fsdp
 straggler  6 steps with rank 1 sleeping in every training_step; the logged rows (rank 0)
 demo       the digits demo with PowerSGD: the final validation accuracy
 """
@@ -112,11 +112,14 @@ def compiled() -> None:
     from torch._dynamo.utils import counters
 
     out = {}
-    for name, option in (("eager", False), ("compiled", {"backend": "aot_eager"})):
-        model = Tiny(optimizer="sgd_momentum")
-        t = trainer(max_steps=5, compile=option)
-        t.fit(model, loader(dataset(40), 4))
-        out[name] = params(model)
+    for strategy in ("ddp", "fsdp"):
+        for name, option in (("eager", False), ("compiled", {"backend": "aot_eager"})):
+            model = Tiny(optimizer="sgd_momentum")
+            t = trainer(max_steps=5, compile=option, strategy=strategy)
+            t.fit(model, loader(dataset(40), 4))
+            whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+            out[f"{strategy} {name}"] = {k: v.detach().clone() for k, v in whole.items()}
+            out[f"{strategy} {name} compiled"] = model._compiled_call_impl is not None
     out["graphs"] = counters["stats"]["unique_graphs"]
     if t.global_rank == 0:
         torch.save(out, "compile.pt")
