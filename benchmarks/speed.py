@@ -151,6 +151,8 @@ def paired(runs: dict, a: str, b: str) -> float | None:
 
 
 def table_w3(runs: dict) -> list[str]:
+    # scaling efficiency: 2-process steps/s over one hand-written process's, same round and per-process
+    # batch (benchmarks.md's definition: 1.0 is twice the samples per second)
     lines = ["| variant | steps/s (median) | min - max | vs hand-written DDP (paired) | scaling efficiency "
              "| first 2 steps (s) | final loss |", "|" + " --- |" * 7]
     for name, results in runs.items():
@@ -158,12 +160,13 @@ def table_w3(runs: dict) -> list[str]:
             lines.append(f"| {name} | failed | | | | | |")
             continue
         rates = [x["steps_per_s"] for x in results]
-        ratio = paired(runs, name, "hand-written DDP")
-        efficiency = paired(runs, name, "hand-written, 1 process") if results[0]["world_size"] == 2 else None
+        two = results[0]["world_size"] == 2
+        ratio = paired(runs, name, "hand-written DDP") if two else None
+        efficiency = paired(runs, name, "hand-written, 1 process") if two else None
         first = statistics.median(x["first_steps_s"] for x in results) if "first_steps_s" in results[0] else None
         lines.append(f"| {name} | {statistics.median(rates):.3f} | {min(rates):.3f} - {max(rates):.3f} | "
                      f"{'' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{'' if efficiency is None else f'{efficiency / 2:.3f}'} | "
+                     f"{'' if efficiency is None else f'{efficiency:.3f}'} | "
                      f"{'' if first is None else f'{first:.2f}'} | {results[0]['final_loss']:.6f} |")
     return lines
 
@@ -193,9 +196,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", choices=["w1", "w2", "w3"], action="append")
     p.add_argument("--quick", action="store_true", help="a few steps: checks that every variant runs")
+    p.add_argument("--render", metavar="JSON", help="only print the tables of an earlier run's speed.json")
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.render:
+        render(json.loads(Path(args.render).read_text()))
         return
     out_dir = HERE / "out" / "speed"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +210,10 @@ def main() -> None:
     for workload in args.only or ["w3", "w1", "w2"]:
         results[workload] = run_rounds(workload, args.rounds, out_dir, *(QUICK if args.quick else STEPS)[workload])
         (HERE / "out" / "speed.json").write_text(json.dumps(results, indent=1))
+    render(results)
+
+
+def render(results: dict) -> None:
     print()
     if "w3" in results:
         print("\n".join(table_w3(results["w3"])))
