@@ -71,16 +71,20 @@ class Guards:
         losses.clear()
         return found
 
-    def agree(self) -> None:
+    def agree(self, payload: list[int] | tuple[int, ...] = ()) -> list[int]:
         """On every rank: raise NonFiniteLossError if any rank's loss was NaN or infinite since the last
-        agreement (the first such step, and the rank), and learn whether any rank got SIGTERM."""
+        agreement (the first such step, and the rank), and learn whether any rank got SIGTERM.
+
+        ``payload``: more int64s that ride along in the same all-reduce (their minimum over ranks is
+        returned; throughput.py's per-rank times), so that they cost no collective of their own."""
         bad_step = self._first_nonfinite_step()
         # (step, rank) packed into one number, so that the minimum over ranks names both.
         found = _NOTHING_FOUND if bad_step is None else bad_step * 1_000_000 + self.strategy.global_rank
         stop = int(self.stop_signal)
+        payload = list(payload)
         if self.strategy.num_processes > 1:  # one process has nothing to agree with
-            packed = self.strategy.all_reduce(torch.tensor([found, -stop], dtype=torch.int64), "min")
-            found, stop = packed.tolist()
+            packed = self.strategy.all_reduce(torch.tensor([found, -stop, *payload], dtype=torch.int64), "min")
+            found, stop, *payload = packed.tolist()
             stop = -stop
         self.stop_signal = bool(stop)
         if found != _NOTHING_FOUND:
@@ -90,6 +94,7 @@ class Guards:
                 "rank stops here. Lower the learning rate, add warmup (warmup_epochs=...), clip gradients "
                 "(gradient_clip_val=...), or pass on_nonfinite_loss='skip' to skip such steps on all ranks."
             )
+        return payload
 
     def skip_step(self) -> bool:
         """With on_nonfinite_loss="skip", at every step: whether any rank's loss of this step was

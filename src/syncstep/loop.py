@@ -21,6 +21,7 @@ is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
 from syncstep.step import ManualOptimization, OptimizerStep
+from syncstep.throughput import Throughput
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def check_optimizer_parameters(model: Module, optimizers: list) -> None:
 
 def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
-                   num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
+                   num_nodes=strategy.world_size // strategy.num_devices, batch=plan.batch, lr=plan.lr,
+                   steps_per_epoch=plan.steps_per_epoch,
                    total_steps=plan.total_steps, requested_rule=config.lr_scaling,
                    extra=strategy.summary_lines(plan.optimizers))
 
@@ -98,7 +101,7 @@ def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]
     b, lr = plan.batch, plan.lr
     return {
         "strategy": strategy.name, "accelerator": strategy.root_device.type, "world_size": b.world_size,
-        "num_nodes": config.num_nodes, "per_device_batch_size": b.per_device_batch_size,
+        "num_nodes": strategy.world_size // strategy.num_devices, "per_device_batch_size": b.per_device_batch_size,
         "accumulate_grad_batches": b.accumulate_grad_batches, "global_batch_size": b.global_batch_size,
         "reference_batch_size": b.reference_batch_size, "lr_scaling": config.lr_scaling,
         "lr_factors": [o.factor for o in lr.optimizers], "precision": config.precision,
@@ -146,6 +149,8 @@ class FitLoop:
             self.val_loader = None
         trainer._fit_validates = self.val_loader is not None
         self.bar = ProgressBar(False)
+        self.throughput = Throughput(strategy, flops_per_sample=config.flops_per_sample,
+                                     peak_flops_per_device=config.peak_flops_per_device, precision=config.precision)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
@@ -169,6 +174,7 @@ class FitLoop:
                 logger.log_hyperparams({**self.model.hparams, **{f"syncstep/{k}": v
                                                                  for k, v in self.hyperparams.items()}})
         self.bar = ProgressBar(trainer._bar_enabled())
+        self.throughput.start(state.global_step)
         state.should_stop = False
         try:
             with self.guards.catching_sigterm():
@@ -188,6 +194,9 @@ class FitLoop:
                 hooks.call("on_train_end")
                 hooks.call("on_fit_end")
             self.metrics.flush()
+            summary = self.throughput.summary(state.global_step)
+            if summary:
+                trainer.print(summary)
         finally:
             self.bar.close()
 
@@ -247,7 +256,7 @@ class FitLoop:
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
-        manual = self.manual
+        manual, timer, clock = self.manual, self.throughput, time.perf_counter  # timer: throughput.py
         if manual is not None:
             manual.epoch, step = epoch, None
         batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
@@ -269,11 +278,13 @@ class FitLoop:
                     batches_in = batches
                 if manual is not None:
                     manual.weight = sum(weights)
+                started = clock()
                 if autocast_ is None:
                     loss = forward(batches_in, counts, weights, batch_idx)
                 else:
                     with autocast_:
                         loss = forward(batches_in, counts, weights, batch_idx)
+                timer.busy += clock() - started  # this rank's own time, before backward waits for the others
                 if manual is None:
                     if batch_hooks:
                         hooks.call("on_before_backward", loss)
@@ -292,6 +303,7 @@ class FitLoop:
             if batch_hooks:
                 hooks.call("on_train_batch_end", *batch_end)
             state.epoch_sample += step_samples
+            timer.samples += step_samples
             bar_steps += 1
             if bar_steps == bar_every:
                 bar_every, bar_steps = bar.advance(bar_steps), 0
@@ -312,12 +324,14 @@ class FitLoop:
 
     # -- what runs when it is due ----------------------------------------------------------------
     def log_step(self, epoch: int) -> None:
-        self.guards.agree()
+        step = self.state.global_step
+        rank_times = self.guards.agree(self.throughput.payload(step))  # (in the all-reduce agree makes anyway)
         values = self.metrics.step_values(self.strategy)
         values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
         self.metrics.update(values)
+        speed = self.throughput.values(rank_times, step)  # to the loggers only, not callback_metrics
         if self.trainer.is_global_zero:
-            self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
+            self.metrics.send({"epoch": epoch, **values, **speed}, step)
             self.bar.show({k: v for k, v in values.items() if k in self.metrics.store.prog_bar})
 
     def validate(self, epoch: int) -> None:

@@ -153,6 +153,9 @@ class Checkpointer:
         }
         if self.manual is not None:
             checkpoint.update(self.manual.state_dict())
+        strategy_state = self.strategy.extra_state()  # (ddp: PowerSGD's error feedback)
+        if strategy_state is not None:
+            checkpoint["strategy"] = strategy_state
         if self.trainer.datamodule is not None:
             checkpoint["datamodule"] = self.trainer.datamodule.state_dict()
         hooks.on_save_checkpoint(checkpoint)
@@ -172,6 +175,7 @@ class Checkpointer:
                 f"returned {len(optimizers)}."
             )
         load_weights(self.strategy, self.model, optimizers, path, state)
+        self.strategy.load_extra_state(state.get("strategy"), self.trainer.print)
         self.trainer.hooks.on_load_checkpoint(state)
         if self.manual is not None:
             self.manual.load_state_dict(state)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from syncstep import compile as compile_model
 from syncstep.callbacks.base import Callback
 from syncstep.data import inspect_loader
 from syncstep.datamodule import DataModule
@@ -102,12 +103,15 @@ def checkpoint_path(trainer: Any, ckpt_path: str | None) -> str | None:
     return callback.best_model_path
 
 
-def check_module(model: Any) -> None:
+def check_module(model: Any) -> Module:
+    """The model to run (the Module inside a user's torch.compile), or a TypeError."""
+    model = compile_model.unwrap(model)
     if not isinstance(model, Module):
         raise TypeError(
             f"Trainer needs a syncstep.Module, got {type(model).__name__}. Subclass syncstep.Module and "
             "define training_step and configure_optimizers."
         )
+    return model
 
 
 def check_loaders(config: Any, loaders: Any, what: str) -> None:
@@ -136,6 +140,7 @@ def running(trainer: Any, model: Module, stage: str, datamodule: Any = None) -> 
         if stage == "fit" and trainer.config.sync_batchnorm and strategy.num_processes > 1:
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         strategy.setup(StepRunner(model, trainer._logs.context))
+        compile_model.apply(model, trainer.config.compile, strategy)  # after the strategy wrapped it (compile.py)
         yield
     except BaseException as error:
         if isinstance(error, Exception):
@@ -153,8 +158,7 @@ def running(trainer: Any, model: Module, stage: str, datamodule: Any = None) -> 
 def evaluate_stage(trainer: Any, model: Module | None, loaders: Any, ckpt_path: str | None, stage: str,
                    datamodule: Any) -> list[dict]:
     """``validate()`` / ``test()``: one dict of epoch metrics per loader, also sent to the loggers."""
-    model = stage_model(trainer, model, stage)
-    check_module(model)
+    model = check_module(stage_model(trainer, model, stage))
     loaders, datamodule = split_datamodule(loaders, datamodule)
     check_loaders(trainer.config, loaders, "dataloaders")
     trainer.strategy.launch()

@@ -43,6 +43,7 @@ from syncstep.stages import (
 )
 from syncstep.state import RunState
 from syncstep.step import ManualOptimization, lr_values
+from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.strategies.select import select_strategy
 
@@ -71,8 +72,8 @@ class Trainer:
         max_steps: int = -1,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
-        strategy: str | FSDPStrategy = "auto",
-        num_nodes: int = 1,
+        strategy: str | FSDPStrategy | DDPStrategy = "auto",
+        num_nodes: int | str = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
         global_batch_size: int | None = None,
@@ -114,6 +115,9 @@ class Trainer:
         inference_mode: bool = True,
         sync_batchnorm: bool = False,
         detect_anomaly: bool = False,
+        compile: bool | dict = False,
+        flops_per_sample: float | None = None,
+        peak_flops_per_device: float | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -149,7 +153,6 @@ class Trainer:
     global_rank = _read("_env.global_rank")
     local_rank = _read("_env.local_rank")
     node_rank = _read("_env.node_rank")
-    num_nodes = _read("config.num_nodes")
     max_epochs = _read("config.max_epochs")
     max_steps = _read("config.max_steps")
     precision = _read("config.precision")
@@ -172,6 +175,10 @@ class Trainer:
     @property
     def num_devices(self) -> int:
         return self.strategy.num_devices
+
+    @property
+    def num_nodes(self) -> int:
+        return self.strategy.world_size // self.strategy.num_devices  # (num_nodes="auto" resolved)
 
     @property
     def should_stop(self) -> bool:
@@ -253,7 +260,7 @@ class Trainer:
         Raises :class:`syncstep.Preempted` (a ``SystemExit`` with code 143) on every rank when a
         SIGTERM stopped the run after writing a checkpoint.
         """
-        check_module(model)
+        model = check_module(model)
         train_dataloaders, datamodule = split_datamodule(train_dataloaders, datamodule)
         check_loaders(self.config, train_dataloaders, "train_dataloaders")
         check_loaders(self.config, val_dataloaders, "val_dataloaders")
@@ -294,7 +301,7 @@ class Trainer:
                 return_predictions: bool | None = None, ckpt_path: str | None = None) -> Any:
         """``predict_step`` over every sample once (exact sharding, no padding), the predictions gathered in
         dataset order on every rank: a list of batches (a list of such lists for several loaders)."""
-        model = stage_model(self, model, "predict")
+        model = check_module(stage_model(self, model, "predict"))
         dataloaders, datamodule = split_datamodule(dataloaders, datamodule)
         check_loaders(self.config, dataloaders, "dataloaders")
         self.strategy.launch()
@@ -327,7 +334,7 @@ class Trainer:
         Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
         the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
         """
-        check_module(model)
+        model = check_module(model)
         loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
         check_loaders(self.config, loader, "train_dataloaders")
         plan = self._set_plan(plan_fit(self.config, self.strategy, model, loader, lambda make: make()))

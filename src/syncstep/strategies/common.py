@@ -145,6 +145,12 @@ class OneProcess:
     def summary_lines(self, optimizers: list) -> list[str]:
         return []
 
+    def extra_state(self) -> dict | None:
+        return None
+
+    def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
+        pass
+
     def all_gather(self, data: Any) -> Any:
         return data  # one process: Lightning returns the data as it is, with no world dimension
 
@@ -261,3 +267,9 @@ class ProcessPerDevice:
 
     def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
         pass  # (DDP's reducer needs it; fsdp's hooks do not)
+
+    def extra_state(self) -> dict | None:
+        return None  # (ddp: its communication hook's state)
+
+    def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
+        pass
