@@ -185,6 +185,7 @@ class Checkpointer:
             config.scheduler.load_state_dict(sched_state)
         if self.stepper.scaler is not None and state.get("grad_scaler"):
             self.stepper.scaler.load_state_dict(state["grad_scaler"])
+        self.stepper.load_noise_state(state, self.strategy.global_rank)
         loop, world = state["loop"], state["world"]
         self.state.load_state_dict(loop)
         self.train_data.shuffle_seed = state["shuffle_seed"]

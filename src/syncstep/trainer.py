@@ -79,6 +79,7 @@ class Trainer:
         global_batch_size: int | None = None,
         lr_scaling: str = "auto",
         reference_batch_size: int | None = None,
+        noise_scale: bool = False,
         warmup_epochs: float | None = None,
         warmup_steps: float | None = None,
         warmup_interval: str = "step",
@@ -138,12 +139,14 @@ class Trainer:
         self.lr_scheduler_configs: list = []
         self.batch_plan = None
         self.lr_plan = None
+        self.noise_scale: dict | None = None  # after a fit with noise_scale=True: B_simple and its parts
         self.estimated_stepping_batches: int | None = None  # optimizer steps of the run (Lightning's name)
         self.lightning_module: Module | None = None  # the model of the last fit (or stage)
         self.datamodule: Any = None
         self.hooks = Hooks(self, Module(), [])  # a stage's hooks, made when it starts
         self.sanity_checking = False
         self._plan: FitPlan | None = None
+        self._noise: Any = None  # the noise-scale meter of the fit (noise_scale.py), if measured
         self._manual: ManualOptimization | None = None  # manual optimization's optimizers, during fit
         self._checkpointer: Any = None  # the last fit's, for save_checkpoint
         self._fit_validates = False
