@@ -42,11 +42,11 @@ Z_95 = 1.96
 
 def measurable(strategy: Any, batch: Any) -> tuple[str | None, int, int, str]:
     """(source, W small batches per step, B_small, why not) for this strategy and batch plan."""
-    from syncstep.strategies.ddp import DDPStrategy
+    from syncstep.strategies.ddp import DDP  # (the running strategy; DDPStrategy is its options)
 
-    if isinstance(strategy, DDPStrategy) and batch.world_size > 1:
+    if isinstance(strategy, DDP) and batch.world_size > 1:
         return "ddp", batch.world_size, batch.per_device_batch_size * batch.accumulate_grad_batches, ""
-    if strategy.name in ("single", "dp") or (isinstance(strategy, DDPStrategy) and batch.world_size == 1):
+    if strategy.name in ("single", "dp") or (isinstance(strategy, DDP) and batch.world_size == 1):
         if batch.accumulate_grad_batches >= 2:
             return ("micro", batch.accumulate_grad_batches,
                     batch.per_device_batch_size * batch.world_size, "")
