@@ -191,6 +191,10 @@ def report_failure(error: BaseException, *, rank: int, world_size: int, where: s
     """Name the rank and where it failed, and hand the error to the launcher (ours, or torchrun's file)."""
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return
+    if "find_unused_parameters=True" in str(error) and hasattr(error, "add_note"):  # DDP's advice, in our terms
+        error.add_note('syncstep: some parameters got no gradient in a step; DDP must look for them, which is '
+                       'Trainer(strategy="ddp_find_unused_parameters_true") (syncstep builds the '
+                       'DistributedDataParallel itself, so find_unused_parameters=True cannot be passed to it).')
     if world_size > 1:
         print(f"syncstep: rank {rank} failed in {where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
     selflaunch.write_error_file(rank, error)

@@ -56,10 +56,11 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
     """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
     optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
     check_optimizer_parameters(model, optimizers)
-    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
+    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object,
+                      strategy.global_rank)
     batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
                        config.global_batch_size, config.reference_batch_size)
-    train.set_layout(batch, config.limit_train_batches)
+    train.set_layout(batch, config.limit_train_batches, config.max_steps)
     steps_per_epoch = train.steps_per_epoch(0)
     total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
     total = min(total, config.max_steps) if config.max_steps >= 0 else total
@@ -149,6 +150,12 @@ class FitLoop:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
+        try:
+            self._run(ckpt_path)
+        finally:
+            self.checkpointer.close()  # the checkpoint directory's lock (resume.py)
+
+    def _run(self, ckpt_path: str | None) -> None:
         config, state, trainer, hooks = self.config, self.state, self.trainer, self.hooks
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:

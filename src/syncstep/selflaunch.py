@@ -214,12 +214,15 @@ def _report_failure(workers: Workers, workdir: str) -> int:
         rank = killed[0][1]
         what = f"was killed by {signal.Signals(-died[rank]).name}"
     elif errors:
+        # Not an error that a rank still running had caught earlier (and went on): only ones that ended a
+        # process, or are ending it (recorded by the excepthook), count.
+        errors = {r: e for r, e in errors.items() if r in died or e.get("uncaught")} or errors
         rank = min(errors, key=lambda r: errors[r]["time"])
-        what = f"failed first: {errors[rank]['error']}"
+        what = f"failed first: {errors[rank]['error'].rstrip('.')}"
     else:
         rank = min(died, key=lambda r: workers.exited_at[r])
         what = f"exited with code {died[rank]}"
-    code = workers.procs[rank].returncode
+    code = died.get(rank, 1)  # (a rank that was still ending with its error when we stopped it: 1)
     code = code if code > 0 else 128 - code
     still = f" (still running then, so stopped by syncstep: rank(s) {running})" if running else ""
     hint = ""
@@ -231,14 +234,22 @@ def _report_failure(workers: Workers, workdir: str) -> int:
 
 
 # -- in a worker -------------------------------------------------------------------------------------
-def write_error_file(rank: int, error: BaseException) -> None:
-    """Record a rank's first failure for the launcher, which names the rank that failed first."""
+_reported: list[tuple[BaseException, float]] = []  # the error last recorded by this process, and when
+
+
+def write_error_file(rank: int, error: BaseException, uncaught: bool = False) -> None:
+    """Record a rank's failure, and when it happened, for the launcher, which names the rank that failed
+    first. A later failure replaces it (the earlier one was caught, or this one would not happen);
+    ``uncaught``: it is ending the process (from the excepthook; the same error keeps its time)."""
     directory = os.environ.get("SYNCSTEP_ERROR_DIR")
     if not directory:
         return
+    when = next((t for e, t in _reported if e is error), time.time())
+    _reported[:] = [(error, when)]
+    notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
     try:
-        with open(os.path.join(directory, f"error-rank{rank}.json"), "x") as f:  # "x": the first one stays
-            json.dump({"time": time.time(), "error": f"{type(error).__name__}: {error}"}, f)
+        with open(os.path.join(directory, f"error-rank{rank}.json"), "w") as f:
+            json.dump({"time": when, "uncaught": uncaught, "error": f"{type(error).__name__}: {error}{notes}"}, f)
     except OSError:
         pass
 
@@ -265,7 +276,7 @@ def watch_launcher() -> None:
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
         if not isinstance(error, (KeyboardInterrupt, SystemExit)):
-            write_error_file(rank, error)
+            write_error_file(rank, error, uncaught=True)  # (one that fit() reported keeps the time it happened)
         previous_hook(kind, error, tb)
 
     sys.excepthook = excepthook
