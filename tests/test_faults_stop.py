@@ -1,6 +1,7 @@
 """Stop requests and odd data in real processes: ``trainer.should_stop`` on one rank or all, mid-epoch or at
-an epoch's end; datasets of 1 sample, smaller than world size x batch, not divisible by it, dict batches
-from persistent workers, an IterableDataset, an empty one, and one whose length differs between ranks.
+an epoch's end; rank 0's disk filling up during a save; datasets of 1 sample, smaller than world size x
+batch, not divisible by it, dict batches from persistent workers, batches of a custom class, an
+IterableDataset, an empty one, and one whose length differs between ranks.
 
 One launch runs every scenario in turn (scripts/fault_scenarios.py), so the start-up cost is paid
 once; each scenario is compared with a hand-written single-process loop or a hand-counted step.
@@ -33,11 +34,14 @@ SCENARIOS = [
     {"name": "not_divisible", "n": 13, "batch_size": 2},
     {"name": "dict_batches_workers", "n": 16, "batch_size": 2, "data": "dict",
      "loader": {"num_workers": 2, "persistent_workers": True}, "trainer": {"max_epochs": 2}},
+    {"name": "custom_batches", "n": 12, "batch_size": 2, "data": "custom"},
     {"name": "stream", "n": 40, "batch_size": 4, "data": "iterable",
      "trainer": {"use_distributed_sampler": False, "max_steps": 3, "max_epochs": None}},
     {"name": "stream_unbounded", "n": 40, "batch_size": 4, "data": "iterable", "catch": True,
      "trainer": {"use_distributed_sampler": False}},
     {"name": "empty", "n": 0, "batch_size": 4, "catch": True},
+    {"name": "full_disk", "n": 40, "batch_size": 4, "catch": True, "full_disk_at_save": 2,
+     "trainer": {"enable_checkpointing": True, "ckpt_every_n_steps": 2}},
     # last: only the rank whose data differs can know, so this one ends the launch
     {"name": "rank_len", "n": 40, "batch_size": 4, "data": "rank_len"},
 ]
@@ -85,6 +89,7 @@ def test_stop_requests_and_odd_data_in_two_processes(tmp_path):
     assert_params_close(params(tmp_path, "not_divisible"), reference_sgd(n=13, global_batch=4, steps=4, lr=0.1))
     assert_params_close(params(tmp_path, "dict_batches_workers"),
                         reference_sgd(n=16, global_batch=4, steps=8, lr=0.1, epochs=2))
+    assert_params_close(params(tmp_path, "custom_batches"), reference_sgd(n=12, global_batch=4, steps=3, lr=0.1))
     # each rank its own stream (rank r: samples r, r + 2, ...): step s is samples 8s .. 8s + 7 in order
     assert_params_close(params(tmp_path, "stream"), reference_sgd(n=40, global_batch=8, steps=3, lr=0.1))
     for rank in (0, 1):
@@ -92,6 +97,17 @@ def test_stop_requests_and_odd_data_in_two_processes(tmp_path):
         assert unbounded.startswith("ValueError") and "max_steps" in unbounded, unbounded
         empty = outcome(tmp_path, "empty", rank)["error"]
         assert empty.startswith("ValueError") and "training set is empty" in empty, empty
+
+    # rank 0's disk full at the second save (step 4): every rank raises the same error (before, rank 1 went on
+    # into the next collective); the first checkpoint is still there, and nothing under the second's name
+    for rank in (0, 1):
+        full = outcome(tmp_path, "full_disk", rank)
+        assert full["global_step"] == 4, full
+        assert full["error"].startswith("CheckpointError: on rank 0: could not write the checkpoint"), full
+        assert "epoch=0-step=4.ckpt" in full["error"] and "No space left on device" in full["error"], full
+    directory = tmp_path / "full_disk" / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert torch.load(directory / "last.ckpt", weights_only=True)["loop"]["global_step"] == 2
 
     # lengths that differ between ranks: a real message naming both, not gloo's SIGABRT ("Received data size
     # doesn't match"); rank 0 cannot know and is stopped by the launcher (after gloo's follow-on error)

@@ -316,7 +316,7 @@ class FitLoop:
             if global_step >= guards.next_agreement:  # (never in one process; see guards.py)
                 guards.agree()
             stop = guards.preempting or 0 <= max_steps <= global_step or \
-                (guards.should_stop() and self.may_stop(epoch, quiet=True))  # Lightning: after this step
+                (state.should_stop and guards.should_stop() and self.may_stop(epoch, quiet=True))  # (Lightning's)
             if stop and step_in_epoch + 1 < steps:
                 completed = False
                 break

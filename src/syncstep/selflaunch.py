@@ -199,6 +199,12 @@ def _forward(workers: Workers, received: list[int]) -> int:
         print(f"syncstep: {name} received; forwarded {signal.Signals(forward).name} to the workers, and killed "
               f"rank(s) {killed} because {why}. They may not have written their checkpoint: the last checkpoint "
               "is older than this point.", file=sys.stderr, flush=True)
+    stopped = (0, 128 + forward, -forward)
+    failed = {r: code for r, code in workers.codes().items() if r not in killed and code not in stopped}
+    if failed:  # e.g. the checkpoint could not be written
+        print(f"syncstep: {name} received; rank(s) {sorted(failed)} failed while stopping (exit codes "
+              f"{sorted(failed.values())}): see their output above; their checkpoint may be missing.",
+              file=sys.stderr, flush=True)
     return 128 + signum
 
 

@@ -2,13 +2,14 @@
 syncstep starts the processes itself). Each scenario writes ``<name>.rank<r>.json`` (where the run
 ended, the error it raised if it was told to catch one) and ``<name>.rank<r>.pt`` (the parameters).
 
-Scenario keys: name, n, batch_size, trainer (Trainer arguments), data ("tensor", "dict", "iterable",
+Scenario keys: name, n, batch_size, trainer (Trainer arguments), data ("tensor", "dict", "custom", "iterable",
 "rank_len": rank r gets n + r samples), stop ({"ranks": [..] or "all", "step": s} in training_step, or
 {"ranks": .., "epoch_end": e} in on_train_epoch_end), sleep (seconds per training step), signal
 ({"step": s, "name": "SIGTERM"}: rank 0 sends it to the launcher), fail (Tiny's fail dict),
 fail_after_fit (a rank raises after fit while the others validate), busy ({"rank", "step",
 "seconds"}: a long sleep in one rank's training_step), catch (record fit's error and go
-on), chdir (os.chdir there before fit).
+on), chdir (os.chdir there before fit), full_disk_at_save (rank 0's N-th torch.save writes 4 bytes and
+raises ENOSPC, as a full disk would).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class DictBatches(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
+class Batch:
+    """A batch of the user's own type (from a collate_fn)."""
+
+    def __init__(self, samples):
+        self.x = torch.stack([x for x, _ in samples])
+        self.y = torch.stack([y for _, y in samples])
+
+
 class Faulty(Tiny):
     def __init__(self, scenario: dict):
         super().__init__(lr=0.1, optimizer=scenario.get("optimizer", "sgd"), fail=scenario.get("fail"))
@@ -65,6 +74,8 @@ class Faulty(Tiny):
     def training_step(self, batch, batch_idx):
         if isinstance(batch, dict):
             batch = (batch["x"], batch["y"])
+        if isinstance(batch, Batch):
+            batch = (batch.x, batch.y)
         s = self.scenario
         if s.get("sleep"):
             time.sleep(s["sleep"])
@@ -85,12 +96,29 @@ class Faulty(Tiny):
             self.trainer.should_stop = True
 
 
+def full_disk_at(call: int, real_save):
+    """A torch.save whose ``call``-th write of a checkpoint writes 4 bytes and fails as a full disk does
+    (counting only checkpoint files: pickling a tensor for a collective calls torch.save too)."""
+    calls = [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += ".ckpt.tmp-" in getattr(f, "name", "")
+        if calls[0] == call and ".ckpt.tmp-" in getattr(f, "name", ""):
+            f.write(b"PK\0\0")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    return save
+
+
 def train_loader(s: dict, rank: int, world: int) -> DataLoader:
     n, b, kind = s["n"], s["batch_size"], s.get("data", "tensor")
     if kind == "iterable":
         return DataLoader(Stream(n, rank, world), batch_size=b)
     if kind == "dict":
         return DataLoader(DictBatches(n), batch_size=b, **s.get("loader", {}))
+    if kind == "custom":
+        return DataLoader(dataset(n), batch_size=b, collate_fn=Batch)
     if kind == "rank_len":
         return DataLoader(dataset(n + rank), batch_size=b)
     return DataLoader(dataset(n), batch_size=b)
@@ -111,6 +139,9 @@ def main(spec: str) -> None:
         model = Faulty(s)
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         error = None
+        real_save = syncstep.checkpoint.torch.save
+        if s.get("full_disk_at_save") and rank == 0:  # rank 0 writes the file: its disk fills at that save
+            syncstep.checkpoint.torch.save = full_disk_at(s["full_disk_at_save"], real_save)
         with open(os.path.join(START, f"{s['name']}.pid{rank}"), "w") as f:
             f.write(str(os.getpid()))
         try:
@@ -119,6 +150,8 @@ def main(spec: str) -> None:
             if not s.get("catch"):
                 raise
             error = f"{type(e).__name__}: {e}"
+        finally:
+            syncstep.checkpoint.torch.save = real_save
         os.chdir(START)
         name = s["name"]
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{name}.rank{rank}.pt")
