@@ -70,10 +70,11 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
     """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
     optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
     check_optimizer_parameters(model, optimizers)
-    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
+    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object,
+                      strategy.global_rank)
     batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
                        config.global_batch_size, config.reference_batch_size)
-    train.set_layout(batch, config.limit_train_batches)
+    train.set_layout(batch, config.limit_train_batches, config.max_steps)
     steps_per_epoch = train.steps_per_epoch(0)
     total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
     total = min(total, config.max_steps) if config.max_steps >= 0 else total
@@ -176,6 +177,12 @@ class FitLoop:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
+        try:
+            self._run(ckpt_path)
+        finally:
+            self.checkpointer.close()  # the checkpoint directory's lock (resume.py)
+
+    def _run(self, ckpt_path: str | None) -> None:
         config, state, trainer, hooks = self.config, self.state, self.trainer, self.hooks
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
@@ -199,7 +206,7 @@ class FitLoop:
         self.throughput.start(state.global_step)
         state.should_stop = False
         try:
-            with self.guards.catching_sigterm():
+            with self.guards.catching_signals():
                 for opt in self.plan.optimizers:
                     opt.zero_grad(set_to_none=True)
                 hooks.call("on_fit_start")
@@ -207,7 +214,8 @@ class FitLoop:
                 hooks.call("on_train_start")
                 max_epochs = config.max_epochs if self.adascale is None else self.adascale.max_epochs(config.max_epochs)
                 for epoch in range(start_epoch, max_epochs if max_epochs is not None else sys.maxsize):
-                    if (state.should_stop and self.may_stop(epoch)) or self.steps_exhausted():
+                    self.guards.agree()  # a should_stop set on one rank (at the epoch's end, say) holds on all
+                    if (self.guards.should_stop() and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
                     completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
@@ -230,14 +238,16 @@ class FitLoop:
             return self.adascale.done
         return 0 <= self.config.max_steps <= self.state.global_step
 
-    def may_stop(self, epoch: int) -> bool:
-        """Whether a stop request (trainer.should_stop) may end the run before ``epoch``: not before
-        min_epochs and min_steps are done (Lightning's rule; it says so)."""
+    def may_stop(self, epoch: int, quiet: bool = False) -> bool:
+        """Whether a stop request (trainer.should_stop) may end the run in or before ``epoch`` (``epoch``
+        epochs done): not before min_epochs and min_steps are done (Lightning's rule; it says so at an
+        epoch's end, ``quiet`` between steps)."""
         config, state = self.config, self.state
         if epoch >= (config.min_epochs or 0) and state.global_step >= (config.min_steps or 0):
             return True
-        self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
-                           f"{config.min_steps} is not reached yet; training goes on.")
+        if not quiet:
+                self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
+                               f"{config.min_steps} is not reached yet; training goes on.")
         return False
 
     def val_every(self, steps: int) -> int:
@@ -266,7 +276,7 @@ class FitLoop:
 
     # -- one epoch: the step loop ----------------------------------------------------------------
     def train_epoch(self, epoch: int, start_sample: int) -> bool:
-        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, SIGTERM)."""
+        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, a signal, should_stop)."""
         state, logs, bar, guards, hooks = self.state, self.metrics.store, self.bar, self.guards, self.hooks
         steps = self.train.steps_per_epoch(start_sample)
         val_every = self.val_every(steps)
@@ -353,8 +363,11 @@ class FitLoop:
                 logs.context.stage = "train"
             if ckpt_every and global_step % ckpt_every == 0:
                 self.checkpointer.save(guards, epoch_finished=False)
-            stop = ((guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
-                    or (adascale is not None and adascale.done))
+            if global_step >= guards.next_agreement:  # (never in one process; see guards.py)
+                guards.agree()
+            stop = guards.preempting or 0 <= max_steps <= global_step or \
+                (adascale is not None and adascale.done) or \
+                (state.should_stop and guards.should_stop() and self.may_stop(epoch, quiet=True))  # (Lightning's)
             if stop and step_in_epoch + 1 < steps:
                 completed = False
                 break
@@ -387,7 +400,7 @@ class FitLoop:
     def end_epoch(self, epoch: int, completed: bool) -> None:
         """Epoch metrics, validation, on_train_epoch_end, epoch schedulers, checkpoint, the SIGTERM stop.
 
-        An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
+        An epoch cut short (max_steps, a signal, should_stop) logs what it has and is checkpointed mid-epoch, but its
         epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
         resumed run steps them exactly once, as an uninterrupted run does. As in Lightning, validation
         comes before on_train_epoch_end, and ModelCheckpoint / EarlyStopping run last, after the epoch
@@ -400,7 +413,7 @@ class FitLoop:
         metrics.update(epoch_values)
         if trainer.is_global_zero and epoch_values:
             metrics.send({"epoch": epoch, **epoch_values}, self.state.global_step)
-        preempted = guards.stop_signal
+        preempted = guards.preempting
         due = config.check_val_every_n_epoch and (epoch + 1) % config.check_val_every_n_epoch == 0
         if self.val_loader is not None and not preempted and ((completed and due) or self.steps_exhausted()):
             self.validate(epoch)
@@ -409,13 +422,19 @@ class FitLoop:
         if completed:
             self.hooks.on_train_epoch_end(between=lambda: self._epoch_end_values(epoch))
         due = config.ckpt_every_n_epochs and (epoch + 1) % config.ckpt_every_n_epochs == 0
-        if config.enable_checkpointing and (preempted or (completed and due) or self.steps_exhausted()):
+        # (an epoch cut short by should_stop is the end of the run: checkpointed, like max_steps)
+        if config.enable_checkpointing and (preempted or not completed or due or self.steps_exhausted()):
             self.checkpointer.save(guards, epoch_finished=completed)
         metrics.flush()
         if preempted:
             self.state.preempted = True
-            trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
-                          f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            received = guards.signal_received or "a stop signal"
+            if config.enable_checkpointing:
+                trainer.print(f"syncstep: {received} received; checkpoint saved at step {self.state.global_step} in "
+                              f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            else:
+                trainer.print(f"syncstep: {received} received at step {self.state.global_step}; exiting WITHOUT a "
+                              "checkpoint (enable_checkpointing=False).")
 
     def _epoch_end_values(self, epoch: int) -> None:
         """After the Module's on_train_epoch_end: what it logged, then the epoch schedulers."""
