@@ -2,15 +2,25 @@
 
     python benchmarks/lr_scaling_study.py --publish         # the whole study, about 3 minutes on 2 CPU cores
     python benchmarks/lr_scaling_study.py --lr 0.2 --extra-lr   # skip the LR sweep and the second base LR
+    python benchmarks/lr_scaling_study.py --lr 0.2 --rows adascale --seeds 3   # one row, fewer seeds
 
 One device simulates k devices by its global batch: the DataLoader's batch is 32 x k and
 ``reference_batch_size=32``, so syncstep's factor is k, as on k devices with batch 32 each. At one seed
 every k sees the same samples in the same order (syncstep shuffles by seed + epoch) from the same
-initial weights. Three rows, the same number of epochs for all:
+initial weights. Four rows, the same number of epochs for the first three:
 
     none            Trainer(lr_scaling="none")                       the LR tuned at batch 32, unchanged
     linear          Trainer(lr_scaling="linear")                     LR x k from the first step
     linear+warmup   Trainer(lr_scaling="linear", warmup_epochs=2)    from the unscaled LR to LR x k over 2 epochs
+    adascale        Trainer(lr_scaling="adascale",                   LR x the AdaScale gain r (1 <= r <= k) from
+                            accumulate_grad_batches=k)               the measured noise scale; the cosine and the
+                                                                     end of training follow tau = sum r, so the
+                                                                     run takes as many epochs as it needs to make
+                                                                     the k = 1 run's progress (at most k x 30)
+
+The adascale row feeds batches of 32 and accumulates k of them (the micro-batches are the small batches
+its noise scale is measured from); the global batch and the order of the samples are those of the other
+rows.
 
 Model and optimizer: syncstep's own digits example (``syncstep.examples.digits.Classifier``: MLP
 64-128-10, SGD momentum 0.9, cosine decay per epoch over the run), so that the study measures what the
@@ -49,8 +59,8 @@ from syncstep.examples.digits import Classifier, digits_loaders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_BATCH = 32
-ROWS = ("none", "linear", "linear+warmup")
-COLORS = {"none": "tab:gray", "linear": "tab:red", "linear+warmup": "tab:blue"}
+ROWS = ("none", "linear", "linear+warmup", "adascale")
+COLORS = {"none": "tab:gray", "linear": "tab:red", "linear+warmup": "tab:blue", "adascale": "tab:green"}
 
 
 class StudyClassifier(Classifier):
@@ -73,7 +83,8 @@ class Recorder:
             # from, at the weights before it. So step 1 holds the loss at the initial weights.
             self.train_loss[step] = metrics["train_loss"]
         if "val_acc" in metrics:
-            self.val[int(metrics["epoch"])] = {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"]}
+            self.val[int(metrics["epoch"])] = {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
+                                               "step": step}
 
 
 def spike_metrics(losses: list[float], window: int) -> dict[str, float]:
@@ -103,7 +114,8 @@ def train_once(*, k: int, row: str, lr: float, epochs: int, seed: int, warmup_ep
     trainer = syncstep.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, strategy="single",
         reference_batch_size=REFERENCE_BATCH,
-        lr_scaling="none" if row == "none" else "linear",
+        lr_scaling={"none": "none", "adascale": "adascale"}.get(row, "linear"),
+        accumulate_grad_batches=k if row == "adascale" else None,
         warmup_epochs=warmup_epochs if row == "linear+warmup" else None,
         seed=seed, log_every_n_steps=1,
         enable_progress_bar=False, enable_checkpointing=False, logger=[recorder],
@@ -121,15 +133,23 @@ def train_once(*, k: int, row: str, lr: float, epochs: int, seed: int, warmup_ep
     steps_per_epoch = math.ceil(len(train.dataset) / global_batch)  # as the start-up summary says
     losses = [recorder.train_loss[s] for s in sorted(recorder.train_loss)]
     window = spike_epochs * steps_per_epoch
+    last = max(recorder.val) if recorder.val else None  # (adascale: the epoch where tau reached its target)
     result = {
         "k": k, "row": row, "base_lr": lr, "seed": seed, "global_batch_size": global_batch,
         "steps_per_epoch": steps_per_epoch, "lr_factor": trainer.lr_plan.optimizers[0].factor,
         "warmup_steps": trainer.lr_plan.warmup.length, "diverged": diverged,
-        "final_val_acc": None if diverged else recorder.val[epochs - 1]["val_acc"],
-        "final_val_loss": None if diverged else recorder.val[epochs - 1]["val_loss"],
+        "final_val_acc": None if diverged else recorder.val[last]["val_acc"],
+        "final_val_loss": None if diverged else recorder.val[last]["val_loss"],
+        "val_acc_by_step": [[v["step"], round(v["val_acc"], 5)] for _, v in sorted(recorder.val.items())],
+        "optimizer_steps": trainer.global_step, "epochs_run": (last + 1) if last is not None else None,
         "early_train_loss": [round(x, 5) for x in losses[:window]],
         "summary": printed.getvalue().strip(),
     }
+    if row == "adascale" and trainer.noise_scale is not None:
+        noise = trainer.noise_scale
+        result.update(final_gain=trainer._checkpointer.stepper.adascale.gain, b_simple=noise["b_simple"],
+                      b_simple_history=[[b[0], round(b[3] / b[2], 2) if b[2] > 0 else None]
+                                        for b in noise["history"][::max(1, len(noise["history"]) // 40)]])
     if diverged:  # NaN / inf loss: syncstep stops the run (on_nonfinite_loss="error")
         result.update(initial_loss=losses[0] if losses else None, peak_ratio=math.inf, peak_rise=math.inf)
     else:
@@ -170,15 +190,26 @@ def _stats(values: list[float]) -> dict[str, float]:
             "median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """Per (row, k): accuracy, spike, and the accuracy difference to k = 1 at the same seed (paired)."""
+def steps_to(run: dict, target: float) -> int | None:
+    """The optimizer step of the first epoch end whose validation accuracy reached ``target``."""
+    return next((step for step, acc in run.get("val_acc_by_step", []) if acc >= target), None)
+
+
+def summarize(runs: list[dict], rows: tuple[str, ...] = ROWS) -> list[dict]:
+    """Per (row, k): accuracy, spike, the accuracy difference to k = 1 at the same seed (paired), and the
+    optimizer steps to reach 97% of k = 1's mean final accuracy."""
     cells = []
     at_k1 = {(r["row"], r["seed"]): r["final_val_acc"] for r in runs if r["k"] == 1 and not r["diverged"]}
-    for row in ROWS:
+    for row in rows:
+        k1 = [r["final_val_acc"] for r in runs if r["row"] == row and r["k"] == 1 and not r["diverged"]]
+        target = 0.97 * statistics.fmean(k1) if k1 else None
         for k in sorted({r["k"] for r in runs}):
             group = [r for r in runs if r["row"] == row and r["k"] == k]
+            if not group:
+                continue
             finished = [r for r in group if not r["diverged"]]
             deltas = [r["final_val_acc"] - at_k1[row, r["seed"]] for r in finished if (row, r["seed"]) in at_k1]
+            reached = [steps_to(r, target) for r in finished] if target else []
             cells.append({
                 "row": row, "k": k, "base_lr": group[0]["base_lr"], "global_batch_size": group[0]["global_batch_size"],
                 "lr_factor": group[0]["lr_factor"], "warmup_steps": group[0]["warmup_steps"],
@@ -188,6 +219,10 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "val_acc_minus_k1": _stats(deltas),
                 "peak_ratio": _stats([r["peak_ratio"] for r in group]),  # inf for a diverged run
                 "peak_rise": _stats([r["peak_rise"] for r in group]),
+                "steps_to_97pct_of_k1": _stats([s for s in reached if s is not None]),
+                "never_reached_97pct": sum(s is None for s in reached),
+                "optimizer_steps": _stats([r["optimizer_steps"] for r in finished]),
+                "final_gain": _stats([r["final_gain"] for r in finished if "final_gain" in r]),
             })
     return cells
 
@@ -195,12 +230,18 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown_table(cells: list[dict], base_lr: float, warmup_epochs: float) -> str:
     ks = sorted({c["k"] for c in cells})
     by = {(c["row"], c["k"]): c for c in cells}
+    rows = [row for row in ROWS if any(c["row"] == row for c in cells)]
     lines = [f"| base LR {base_lr:g} | " + " | ".join(f"k={k} (B={REFERENCE_BATCH * k})" for k in ks) + " |",
              "|---" + "|--:" * len(ks) + "|",
-             "| LR after linear scaling | " + " | ".join(f"{base_lr * k:g}" for k in ks) + " |",
-             f"| warmup steps ({warmup_epochs:g} epochs) | "
-             + " | ".join(str(by["linear+warmup", k]["warmup_steps"]) for k in ks) + " |"]
-    for row in ROWS:
+             "| LR after linear scaling | " + " | ".join(f"{base_lr * k:g}" for k in ks) + " |"]
+    if "linear+warmup" in rows:
+        lines.append(f"| warmup steps ({warmup_epochs:g} epochs) | "
+                     + " | ".join(str(by["linear+warmup", k]["warmup_steps"]) for k in ks) + " |")
+    if "adascale" in rows:
+        gains = [by["adascale", k]["final_gain"] for k in ks]
+        lines.append("| adascale gain r at the end (LR = base x r) | "
+                     + " | ".join(f"{g['mean']:.2f}" if g["n"] else "1" for g in gains) + " |")
+    for row in rows:
         parts = []
         for k in ks:
             c = by[row, k]
@@ -211,9 +252,20 @@ def markdown_table(cells: list[dict], base_lr: float, warmup_epochs: float) -> s
                 text += f" ({100 * delta['mean']:+.2f})"
             parts.append(text + (f" ({c['diverged']}/{c['runs']} NaN)" if c["diverged"] else ""))
         lines.append(f"| val acc %, {row} | " + " | ".join(parts) + " |")
-    for row in ROWS:
+    for row in rows:
         parts = [f"{by[row, k]['peak_ratio']['median']:.2f} (max {by[row, k]['peak_ratio']['max']:.2f})" for k in ks]
         lines.append(f"| peak ratio, {row} | " + " | ".join(parts) + " |")
+    for row in rows:
+        parts = []
+        for k in ks:
+            c = by[row, k]
+            reached = c["steps_to_97pct_of_k1"]
+            text = f"{reached['median']:.0f}" if reached["n"] else "—"
+            parts.append(text + (f" ({c['never_reached_97pct']} never)" if c["never_reached_97pct"] else ""))
+        lines.append(f"| steps to 97% of k=1 acc, {row} | " + " | ".join(parts) + " |")
+    if "adascale" in rows:
+        lines.append("| optimizer steps in all, adascale | " + " | ".join(
+            f"{by['adascale', k]['optimizer_steps']['median']:.0f}" for k in ks) + " |")
     return "\n".join(lines)
 
 
@@ -227,10 +279,11 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
     acc_axes = [axes[0, 0], axes[0, 1]]
     spike_ax, curve_ax = axes[1, 0], axes[1, 1]
     ks = sorted({c["k"] for c in studies[0]["cells"]})
+    rows = [row for row in ROWS if any(c["row"] == row for c in studies[0]["cells"])]
     for i, study in enumerate(studies):
         base_lr, cells, runs = study["base_lr"], study["cells"], study["runs"]
         style = "-" if i == 0 else "--"
-        for row in ROWS:
+        for row in rows:
             mine = [c for c in cells if c["row"] == row]
             if i < len(acc_axes):
                 shown = [c for c in mine if c["final_val_acc"]["n"]]
@@ -264,8 +317,8 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
     study = studies[0]
     curve_k, runs = max(ks), study["runs"]
     seed = min(r["seed"] for r in runs)
-    pick = {row: next(r for r in runs if r["k"] == curve_k and r["row"] == row and r["seed"] == seed) for row in ROWS}
-    reference = next((r for r in runs if r["k"] == 1 and r["row"] == "none" and r["seed"] == seed), None)
+    pick = {row: next(r for r in runs if r["k"] == curve_k and r["row"] == row and r["seed"] == seed) for row in rows}
+    reference = next((r for r in runs if r["k"] == 1 and r["row"] == rows[0] and r["seed"] == seed), None)
     if reference is not None:
         raw = reference["early_train_loss"]
         grouped = [statistics.fmean(raw[i:i + curve_k]) for i in range(0, len(raw), curve_k)]
@@ -291,18 +344,20 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
 
 def run_study(base_lr: float, args: argparse.Namespace) -> dict:
     runs = []
+    micro, _ = digits_loaders(REFERENCE_BATCH)  # adascale: k micro-batches of 32 per step
     for k in args.ks:
         train, val = digits_loaders(REFERENCE_BATCH * k)
-        for row in ROWS:
+        for row in args.rows:
+            data = micro if row == "adascale" else train
             cell = [train_once(k=k, row=row, lr=base_lr, epochs=args.epochs, seed=s, warmup_epochs=args.warmup_epochs,
-                               train=train, val=val, spike_epochs=args.spike_epochs) for s in range(args.seeds)]
+                               train=data, val=val, spike_epochs=args.spike_epochs) for s in range(args.seeds)]
             runs += cell
             accs = [r["final_val_acc"] for r in cell if not r["diverged"]]
             nan = sum(1 for r in cell if r["diverged"])
             print(f"  k={k:<2} {row:<14} val acc {100 * statistics.fmean(accs) if accs else math.nan:6.2f} %   "
                   f"peak ratio max {max(r['peak_ratio'] for r in cell):7.2f}" + (f"   {nan} NaN" if nan else ""),
                   flush=True)
-    cells = summarize(runs)
+    cells = summarize(runs, tuple(args.rows))
     summaries = {f"k={r['k']} {r['row']}": r.pop("summary") for r in runs if r["seed"] == 0}
     for r in runs:
         r.pop("summary", None)
@@ -331,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-seeds", type=int, default=5, help="seeds per LR in the sweep (default 5)")
     p.add_argument("--extra-lr", type=float, nargs="*", default=[0.05],
                    help="further base LRs to study (default 0.05, the demo's); none: pass the flag alone")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (default: all)")
     p.add_argument("--warmup-epochs", type=float, default=2, help="for the linear+warmup row (default 2)")
     p.add_argument("--spike-epochs", type=int, default=5, help="the early window of the spike metric (default 5)")
     p.add_argument("--publish", action="store_true",
@@ -361,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
 
     studies = []
     for lr in [base_lr, *(x for x in args.extra_lr if x != base_lr)]:
-        print(f"base LR {lr:g}: {len(args.ks)} k x {len(ROWS)} rows x {args.seeds} seeds, {args.epochs} epochs",
+        print(f"base LR {lr:g}: {len(args.ks)} k x {len(args.rows)} rows x {args.seeds} seeds, {args.epochs} epochs",
               flush=True)
         studies.append(run_study(lr, args))
     seconds = time.perf_counter() - started

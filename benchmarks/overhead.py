@@ -1,6 +1,7 @@
 """syncstep's per-step overhead on W1 (MLP 64-128-10, batch 32, 1 thread), measured in one process.
 
     python benchmarks/overhead.py [--reps 15] [--steps 1000] [--model w1|linear] [--fresh]
+    python benchmarks/overhead.py --noise-scale      # the cost of Trainer(noise_scale=True)
 
 ``--model linear`` trains one Linear(64, 10) on batches of 2 instead: the torch work per step shrinks to
 little more than the calls themselves, so the difference to the hand-written loop is the framework's
@@ -12,6 +13,10 @@ second of a shared machine hits all three alike; each rep times the steps after 
 inside the training step. Prints the median microseconds per step and the ratio to the hand-written
 loop. ``--fresh`` runs every rep of every implementation in a fresh process instead (same rotating
 order), as the suite (run.py) does: what a user's run sees, spread more by a noisy machine.
+
+``--noise-scale`` compares, in the same rotation, syncstep (bar and loggers off) with
+accumulate_grad_batches=2 with and without ``noise_scale=True`` (on one device the noise scale needs
+two micro-batches per step; these are what it measures). The times are per micro-batch.
 """
 
 from __future__ import annotations
@@ -79,12 +84,12 @@ class MLP(syncstep.Module):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def ours(dataset: TensorDataset, lean: bool) -> float:
+def ours(dataset: TensorDataset, lean: bool, **options) -> float:
     model = MLP()
     extra = dict(enable_progress_bar=False, logger=False) if lean else {}
     with tempfile.TemporaryDirectory() as root:
         trainer = syncstep.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=root, lr_scaling="none",
-                                   enable_checkpointing=False, **extra)
+                                   enable_checkpointing=False, **extra, **options)
         trainer.fit(model, DataLoader(dataset, batch_size=MODEL["batch_size"], shuffle=True))
     return per_step(model.ticks)
 
@@ -95,6 +100,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--model", choices=("w1", "linear"), default="w1")
     p.add_argument("--fresh", action="store_true", help="each run in a fresh process")
+    p.add_argument("--noise-scale", action="store_true", help="accumulation 2 with and without noise_scale=True")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in this process, for --fresh
     args = p.parse_args()
     MODEL.update(name=args.model, batch_size=32 if args.model == "w1" else 2)
@@ -103,12 +109,18 @@ def main() -> None:
     measure = {"hand-written": lambda: hand(dataset),
                "syncstep, bar and loggers off": lambda: ours(dataset, lean=True),
                "syncstep (defaults)": lambda: ours(dataset, lean=False)}
+    if args.noise_scale:
+        measure = {"hand-written": lambda: hand(dataset),
+                   "syncstep, accumulation 2": lambda: ours(dataset, lean=True, accumulate_grad_batches=2),
+                   "syncstep, accumulation 2, noise_scale=True":
+                       lambda: ours(dataset, lean=True, accumulate_grad_batches=2, noise_scale=True)}
     if args.one:
         print(f"us/step {measure[args.one]():.3f}")
         return
     if args.fresh:
         def in_a_fresh_process(name):
-            command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--model", args.model]
+            command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--model", args.model,
+                       *(["--noise-scale"] if args.noise_scale else [])]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             return float(out.rsplit("us/step ", 1)[1])
 

@@ -18,7 +18,8 @@ def test_demo_trains_ddp_on_two_processes_and_reaches_095(tmp_path):
     assert len(re.findall(r"^epoch \d+: val_acc=", out, flags=re.M)) == 20
     accuracy = float(re.search(r"final validation accuracy: ([0-9.]+)", out).group(1))
     assert accuracy >= 0.95
-    for png in ("demo.png", "lr_schedule.png"):
+    assert "syncstep: noise scale: B_simple" in out  # the end-of-fit report (noise_scale=True in the demo)
+    for png in ("demo.png", "lr_schedule.png", "noise_scale.png"):
         data = (tmp_path / "demo" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
 

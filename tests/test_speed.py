@@ -57,6 +57,21 @@ def test_compressed_hooks_give_the_compressed_then_averaged_gradients(two_proces
     assert torch.equal(after.sort().values, final.sort().values)
 
 
+def test_compression_and_the_noise_scale_compose(two_process):
+    """fp16 compression with noise_scale=True: the gradients are still the compressed-then-averaged ones,
+    and the noise meter read each rank's own gradient before the hook and the decompressed average after."""
+    ranks = [torch.load(two_process / f"hooks.fp16_noise.rank{r}.pt", weights_only=True) for r in range(2)]
+    local = [local_gradients(r["batch"]) for r in ranks]
+    expected = {n: (local[0][n].half() / 2 + local[1][n].half() / 2).float() for n in local[0]}
+    for r, saved in enumerate(ranks):
+        for name in expected:
+            assert torch.equal(saved["grads"][name], expected[name]), name
+        own = sum(float(g.double().square().sum()) for g in local[r].values())
+        average = sum(float(g.double().square().sum()) for g in expected.values())
+        assert saved["small"] == pytest.approx(own, rel=1e-6)
+        assert saved["big"] == pytest.approx(average, rel=1e-6)
+
+
 def test_powersgd_resumes_bitwise_with_its_error_feedback(two_process):
     result = torch.load(two_process / "powersgd.pt", weights_only=True)
     assert result["saved_hook_state"]

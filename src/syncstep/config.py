@@ -75,6 +75,8 @@ class TrainerConfig:
     """"linear", "sqrt", "none", or "auto" (linear for SGD-like optimizers, sqrt for adaptive ones)."""
     reference_batch_size: int | None = None
     """The batch the LR in configure_optimizers was tuned for (default: the per-device batch)."""
+    noise_scale: bool = False
+    """Measure the gradient noise scale B_simple (noise_scale.py): ddp on 2+ devices, or accumulation >= 2."""
     warmup_epochs: float | None = None
     """Warmup length in epochs (0.5 = half an epoch)."""
     warmup_steps: float | None = None
@@ -189,6 +191,8 @@ class TrainerConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'.")
         set_(self, "precision", PRECISIONS[self.precision])
+        if not isinstance(self.noise_scale, bool):
+            raise ValueError(f"noise_scale must be True or False, got {self.noise_scale!r}.")
         if self.lr_scaling not in LR_SCALING_RULES:
             raise ValueError(f"lr_scaling={self.lr_scaling!r} is not one of {LR_SCALING_RULES}.")
         check_warmup_arguments(warmup_steps=self.warmup_steps, warmup_epochs=self.warmup_epochs,

@@ -22,17 +22,29 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from syncstep import checkpoint as ckpt
+from syncstep import noise_scale
+from syncstep.adascale import build as build_adascale
 from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
 from syncstep.guards import Guards
 from syncstep.model_summary import model_summary
 from syncstep.module import Module
-from syncstep.optim import SchedulerConfig, parse_optimizers
-from syncstep.plan import BatchPlan, LRPlan, optimizer_names, plan_batch, plan_lr, resolve_warmup, summary
+from syncstep.optim import SchedulerConfig, parse_optimizers, unique_parameters
+from syncstep.plan import (
+    BatchPlan,
+    LRPlan,
+    double_clipping,
+    optimizer_names,
+    plan_batch,
+    plan_lr,
+    resolve_warmup,
+    summary,
+)
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
@@ -58,10 +70,11 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
     """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
     optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
     check_optimizer_parameters(model, optimizers)
-    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
+    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object,
+                      strategy.global_rank)
     batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
                        config.global_batch_size, config.reference_batch_size)
-    train.set_layout(batch, config.limit_train_batches)
+    train.set_layout(batch, config.limit_train_batches, config.max_steps)
     steps_per_epoch = train.steps_per_epoch(0)
     total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
     total = min(total, config.max_steps) if config.max_steps >= 0 else total
@@ -70,6 +83,9 @@ def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_o
                             start_factor=config.warmup_start_factor, steps_per_epoch=steps_per_epoch,
                             total_steps=total, batch=batch)
     lr = plan_lr(optimizers, config.lr_scaling, batch, warmup)
+    clipped_twice = double_clipping(optimizers, config.gradient_clip_val)
+    if clipped_twice:
+        warnings.warn(clipped_twice, stacklevel=2)
     return FitPlan(optimizers, scheduler_configs, train, batch, lr, optimizer_names(optimizers), steps_per_epoch,
                    total)
 
@@ -91,9 +107,10 @@ def check_optimizer_parameters(model: Module, optimizers: list) -> None:
 def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
     return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
                    num_nodes=strategy.world_size // strategy.num_devices, batch=plan.batch, lr=plan.lr,
-                   steps_per_epoch=plan.steps_per_epoch,
-                   total_steps=plan.total_steps, requested_rule=config.lr_scaling,
-                   extra=strategy.summary_lines(plan.optimizers))
+                   steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
+                   requested_rule=config.lr_scaling, max_epochs=config.max_epochs,
+                   extra=[*strategy.summary_lines(plan.optimizers),
+                          *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
 
 
 def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
@@ -120,11 +137,17 @@ class FitLoop:
         self.guards = Guards(strategy, state, on_nonfinite_loss=config.on_nonfinite_loss,
                              log_every_n_steps=config.log_every_n_steps, print_fn=trainer.print)
         scaler = grad_scaler(config.precision, strategy.root_device)
+        self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler,
+                                                        unique_parameters(plan.optimizers), model)
+        # DDP's one communication hook: the configured compression, observed by the noise scale if on
+        strategy.register_comm_hook([self.noise.comm_hook_wrapper] if self.noise and self.noise.source == "ddp" else [])
+        self.adascale = build_adascale(config, strategy, plan, self.noise)
         self.stepper = OptimizerStep(
             optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
             lr_names=plan.lr_names, scaler=scaler, gradient_clip_val=config.gradient_clip_val,
             gradient_clip_algorithm=config.gradient_clip_algorithm, guards=self.guards, state=state,
-            metric_values=self.metrics.values, hooks=self.hooks)
+            metric_values=self.metrics.values, hooks=self.hooks, adascale=self.adascale)
+        self.stepper.noise = self.noise
         self.manual = None
         if not model.automatic_optimization:
             if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
@@ -154,6 +177,12 @@ class FitLoop:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
+        try:
+            self._run(ckpt_path)
+        finally:
+            self.checkpointer.close()  # the checkpoint directory's lock (resume.py)
+
+    def _run(self, ckpt_path: str | None) -> None:
         config, state, trainer, hooks = self.config, self.state, self.trainer, self.hooks
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
@@ -177,20 +206,24 @@ class FitLoop:
         self.throughput.start(state.global_step)
         state.should_stop = False
         try:
-            with self.guards.catching_sigterm():
+            with self.guards.catching_signals():
                 for opt in self.plan.optimizers:
                     opt.zero_grad(set_to_none=True)
                 hooks.call("on_fit_start")
                 self.sanity_check()
                 hooks.call("on_train_start")
-                for epoch in range(start_epoch, config.max_epochs if config.max_epochs is not None else sys.maxsize):
-                    if (state.should_stop and self.may_stop(epoch)) or self.steps_exhausted():
+                max_epochs = config.max_epochs if self.adascale is None else self.adascale.max_epochs(config.max_epochs)
+                for epoch in range(start_epoch, max_epochs if max_epochs is not None else sys.maxsize):
+                    self.guards.agree()  # a should_stop set on one rank (at the epoch's end, say) holds on all
+                    if (self.guards.should_stop() and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
                     completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
                     self.end_epoch(epoch, completed)
                     if state.preempted:
                         return
+                if self.noise is not None:
+                    noise_scale.finish(trainer, self.noise, self.state.global_step)
                 hooks.call("on_train_end")
                 hooks.call("on_fit_end")
             self.metrics.flush()
@@ -201,16 +234,20 @@ class FitLoop:
             self.bar.close()
 
     def steps_exhausted(self) -> bool:
+        if self.adascale is not None:  # the progress tau of the reference run's steps, not max_steps
+            return self.adascale.done
         return 0 <= self.config.max_steps <= self.state.global_step
 
-    def may_stop(self, epoch: int) -> bool:
-        """Whether a stop request (trainer.should_stop) may end the run before ``epoch``: not before
-        min_epochs and min_steps are done (Lightning's rule; it says so)."""
+    def may_stop(self, epoch: int, quiet: bool = False) -> bool:
+        """Whether a stop request (trainer.should_stop) may end the run in or before ``epoch`` (``epoch``
+        epochs done): not before min_epochs and min_steps are done (Lightning's rule; it says so at an
+        epoch's end, ``quiet`` between steps)."""
         config, state = self.config, self.state
         if epoch >= (config.min_epochs or 0) and state.global_step >= (config.min_steps or 0):
             return True
-        self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
-                           f"{config.min_steps} is not reached yet; training goes on.")
+        if not quiet:
+                self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
+                               f"{config.min_steps} is not reached yet; training goes on.")
         return False
 
     def val_every(self, steps: int) -> int:
@@ -239,7 +276,7 @@ class FitLoop:
 
     # -- one epoch: the step loop ----------------------------------------------------------------
     def train_epoch(self, epoch: int, start_sample: int) -> bool:
-        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, SIGTERM)."""
+        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, a signal, should_stop)."""
         state, logs, bar, guards, hooks = self.state, self.metrics.store, self.bar, self.guards, self.hooks
         steps = self.train.steps_per_epoch(start_sample)
         val_every = self.val_every(steps)
@@ -257,11 +294,18 @@ class FitLoop:
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
         manual, timer, clock = self.manual, self.throughput, time.perf_counter  # timer: throughput.py
+        noise = self.noise
         if manual is not None:
             manual.epoch, step = epoch, None
+        # The noise scale: each micro-batch's gradient (one process) and, before the step, the step's norms.
+        after_backward = noise.after_backward if noise is not None and noise.source == "micro" else None
+        full_step = self.plan.batch.global_batch_size
         batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
+        adascale = self.adascale
+        if adascale is not None:
+            max_steps = -1  # the run ends when adascale.done
         bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
         batch_idx, completed = 0, True
         plan, batches = self.train.start_epoch(epoch, start_sample)
@@ -292,12 +336,16 @@ class FitLoop:
                     # Detached: kept with its graph, a loss would keep what the graph references until the
                     # next agreement; under fsdp, every unit's all-gathered parameters (guards.py).
                     losses.append((state.global_step, loss.detach()))
+                    if after_backward is not None:
+                        after_backward(sum(weights))
                     if batch_hooks:
                         hooks.call("on_after_backward")
                         batch_end = ({"loss": loss.detach() / (sum(weights) or 1.0)}, batch, batch_idx)
                 elif batch_hooks:
                     batch_end = (loss, batch, batch_idx)
                 batch_idx += 1
+            if noise is not None:
+                noise.end_step(step_samples == full_step)
             if step is not None:
                 step()
             if batch_hooks:
@@ -315,7 +363,11 @@ class FitLoop:
                 logs.context.stage = "train"
             if ckpt_every and global_step % ckpt_every == 0:
                 self.checkpointer.save(guards, epoch_finished=False)
-            stop = (guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
+            if global_step >= guards.next_agreement:  # (never in one process; see guards.py)
+                guards.agree()
+            stop = guards.preempting or 0 <= max_steps <= global_step or \
+                (adascale is not None and adascale.done) or \
+                (state.should_stop and guards.should_stop() and self.may_stop(epoch, quiet=True))  # (Lightning's)
             if stop and step_in_epoch + 1 < steps:
                 completed = False
                 break
@@ -328,6 +380,11 @@ class FitLoop:
         rank_times = self.guards.agree(self.throughput.payload(step))  # (in the all-reduce agree makes anyway)
         values = self.metrics.step_values(self.strategy)
         values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
+        if self.noise is not None:
+            values.update(self.noise.log_values(self.state.global_step))
+            if self.adascale is not None:
+                self.adascale.refresh()
+                values["adascale/tau"] = self.adascale.tau
         self.metrics.update(values)
         speed = self.throughput.values(rank_times, step)  # to the loggers only, not callback_metrics
         if self.trainer.is_global_zero:
@@ -343,7 +400,7 @@ class FitLoop:
     def end_epoch(self, epoch: int, completed: bool) -> None:
         """Epoch metrics, validation, on_train_epoch_end, epoch schedulers, checkpoint, the SIGTERM stop.
 
-        An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
+        An epoch cut short (max_steps, a signal, should_stop) logs what it has and is checkpointed mid-epoch, but its
         epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
         resumed run steps them exactly once, as an uninterrupted run does. As in Lightning, validation
         comes before on_train_epoch_end, and ModelCheckpoint / EarlyStopping run last, after the epoch
@@ -356,7 +413,7 @@ class FitLoop:
         metrics.update(epoch_values)
         if trainer.is_global_zero and epoch_values:
             metrics.send({"epoch": epoch, **epoch_values}, self.state.global_step)
-        preempted = guards.stop_signal
+        preempted = guards.preempting
         due = config.check_val_every_n_epoch and (epoch + 1) % config.check_val_every_n_epoch == 0
         if self.val_loader is not None and not preempted and ((completed and due) or self.steps_exhausted()):
             self.validate(epoch)
@@ -365,13 +422,19 @@ class FitLoop:
         if completed:
             self.hooks.on_train_epoch_end(between=lambda: self._epoch_end_values(epoch))
         due = config.ckpt_every_n_epochs and (epoch + 1) % config.ckpt_every_n_epochs == 0
-        if config.enable_checkpointing and (preempted or (completed and due) or self.steps_exhausted()):
+        # (an epoch cut short by should_stop is the end of the run: checkpointed, like max_steps)
+        if config.enable_checkpointing and (preempted or not completed or due or self.steps_exhausted()):
             self.checkpointer.save(guards, epoch_finished=completed)
         metrics.flush()
         if preempted:
             self.state.preempted = True
-            trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
-                          f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            received = guards.signal_received or "a stop signal"
+            if config.enable_checkpointing:
+                trainer.print(f"syncstep: {received} received; checkpoint saved at step {self.state.global_step} in "
+                              f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            else:
+                trainer.print(f"syncstep: {received} received at step {self.state.global_step}; exiting WITHOUT a "
+                              "checkpoint (enable_checkpointing=False).")
 
     def _epoch_end_values(self, epoch: int) -> None:
         """After the Module's on_train_epoch_end: what it logged, then the epoch schedulers."""

@@ -8,6 +8,8 @@ The math, in one place:
     global batch      G = per_device_batch_size x world_size x accumulate_grad_batches
     scaling factor    k = G / reference_batch_size     (reference = the batch the LR was tuned for)
     LR multiplier     linear: k     sqrt: sqrt(k)     none: 1          (Goyal et al. 2017; Krizhevsky 2014)
+                      adascale: 1 here; the gain r measured during the run (r or sqrt(r)) is applied by
+                      step.py on top (adascale.py; Johnson et al. 2020)
     warmup            m(t) goes from m0 (default 1, the unscaled LR) to the multiplier at t = T and
                       stays there; t counts optimizer steps (or epochs, with warmup_interval="epoch")
 
@@ -20,14 +22,14 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-LR_SCALING_RULES = ("auto", "linear", "sqrt", "none")
+LR_SCALING_RULES = ("auto", "linear", "sqrt", "none", "adascale")
 WARMUP_KINDS = ("linear", "constant", "exponential")
 WARMUP_INTERVALS = ("step", "epoch")
 
 # "auto" picks the rule from the optimizer class (or any base class) by name. SGD-style updates are
 # proportional to the averaged gradient, so the linear rule keeps the per-sample step the same.
 # Adaptive optimizers normalise the gradient; the square-root rule is the usual choice there.
-_LINEAR_FAMILY = ("SGD", "ASGD")
+_LINEAR_FAMILY = ("SGD", "ASGD", "LARS", "Lars")  # LARS: SGD with a per-layer trust ratio (You et al. 2017)
 _ADAPTIVE_FAMILY = (
     "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adagrad", "Adadelta", "RMSprop",
     "Adafactor", "LAMB", "Lamb", "Lion", "Adan", "Shampoo", "SophiaG", "Muon",
@@ -35,9 +37,12 @@ _ADAPTIVE_FAMILY = (
 
 
 def resolve_rule(rule: str, optimizer: object) -> str:
-    """Return "linear", "sqrt" or "none" for this optimizer; "auto" decides by the optimizer's class."""
+    """Return "linear", "sqrt" or "none" for this optimizer ("adascale" or "adascale-sqrt" for adascale);
+    "auto" and "adascale" decide by the optimizer's class."""
     if rule not in LR_SCALING_RULES:
         raise ValueError(f"lr_scaling={rule!r} is not one of {LR_SCALING_RULES}.")
+    if rule == "adascale":
+        return "adascale" if resolve_rule("auto", optimizer) == "linear" else "adascale-sqrt"
     if rule != "auto":
         return rule
     names = [cls.__name__ for cls in type(optimizer).__mro__]
@@ -52,13 +57,28 @@ def resolve_rule(rule: str, optimizer: object) -> str:
     )
 
 
+def double_clipping(optimizers: list, gradient_clip_val: float | None) -> str | None:
+    """A warning when a LAMB that clips the gradient norm itself (timm's ``max_grad_norm``, default 1.0)
+    meets ``gradient_clip_val``: the gradients would be clipped twice, to two different norms."""
+    if gradient_clip_val is None:
+        return None
+    for opt in optimizers:
+        names = {cls.__name__ for cls in type(opt).__mro__}
+        clips = {group.get("max_grad_norm") for group in opt.param_groups} - {None, 0}
+        if names & {"LAMB", "Lamb"} and clips:
+            return (f"{type(opt).__name__} clips the gradient norm itself (max_grad_norm={sorted(clips)[0]}), and "
+                    f"Trainer(gradient_clip_val={gradient_clip_val}) clips it before: the gradients are clipped "
+                    "twice. Keep one: pass max_grad_norm=None to the optimizer, or drop gradient_clip_val.")
+    return None
+
+
 def lr_factor(rule: str, k: float) -> float:
     """The LR multiplier for a global batch k times the reference batch."""
     if rule == "linear":
         return float(k)
     if rule == "sqrt":
         return math.sqrt(k)
-    if rule == "none":
+    if rule in ("none", "adascale", "adascale-sqrt"):  # (adascale: the measured gain is applied by step.py)
         return 1.0
     raise ValueError(f"unknown scaling rule {rule!r}; expected 'linear', 'sqrt' or 'none'.")
 
@@ -284,6 +304,7 @@ def summary(
     total_steps: int,
     requested_rule: str,
     extra: list[str] | tuple[str, ...] = (),
+    max_epochs: int | None = None,
 ) -> str:
     """The start-up block printed once on rank 0; ``extra``: the strategy's own lines (fsdp's sharding)."""
     b = batch
@@ -297,9 +318,18 @@ def summary(
         *extra,
     ]
     for o in lr.optimizers:
-        how = f"{o.rule} (lr_scaling={requested_rule})" if requested_rule == "auto" else o.rule
+        how = f"{o.rule} (lr_scaling={requested_rule})" if requested_rule in ("auto", "adascale") else o.rule
+        if o.rule.startswith("adascale"):
+            gain = "sqrt(r)" if o.rule == "adascale-sqrt" else "r"
+            groups = ", ".join(f"{_fmt(x)} -> {_fmt(x)} x {gain}" for x in o.base_lrs)
+            lines.append(f"  lr {o.name}: {how}, factor {gain} (1 <= r <= k = {_fmt(b.k)}): {groups}")
+            continue
         groups = ", ".join(f"{_fmt(x)} -> {_fmt(x * o.factor)}" for x in o.base_lrs)
         lines.append(f"  lr {o.name}: {how}, factor {_fmt(o.factor)}: {groups}")
+    if any(o.rule.startswith("adascale") for o in lr.optimizers):
+        from syncstep.adascale import summary_line
+
+        lines.append(summary_line(total_steps, b.k, max_epochs))
     w = lr.warmup
     if w.length:
         start = "the unscaled LR" if w.start is None else f"{_fmt(w.start)} x the scaled LR"
@@ -308,7 +338,7 @@ def summary(
         else:
             span = f"{w.length} steps ({_fmt(w.length / max(steps_per_epoch, 1))} epochs)"
         lines.append(f"  warmup: {w.kind} over {span}, from {start} to the scaled LR")
-        if w.start is None and all(o.factor == 1 for o in lr.optimizers):
+        if w.start is None and all(o.factor == 1 and not o.rule.startswith("adascale") for o in lr.optimizers):
             lines.append(
                 "  note: the warmup starts at the unscaled LR, which equals the target at k = 1, so it "
                 "does nothing; pass warmup_start_factor (e.g. 0.1) to ramp up from a lower LR."

@@ -65,3 +65,26 @@ def plot_lr_schedule(lrs: dict[str, list[float]], out_png: str, steps_per_epoch:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(plt, fig, out_png)
+
+
+def plot_noise_scale(history: list, out_png: str, reference: list | None = None) -> str:
+    """B_simple over training (``trainer.noise_scale["history"]``): each block's estimate, the moving
+    average with its 95% interval, and optional exact values [(step, B_simple), ...]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    steps = [b[0] for b in history]
+    blocks = [b[3] / b[2] if b[2] > 0 else float("nan") for b in history]
+    ax.scatter(steps, blocks, s=6, color="tab:gray", alpha=0.4, label="each block of steps")
+    ax.plot(steps, [b[5] for b in history], color="tab:purple", label="moving average")
+    low = [b[6] for b in history]
+    high = [min(b[7], 1e9) for b in history]
+    ax.fill_between(steps, low, high, color="tab:purple", alpha=0.15, label="95% interval")
+    if reference:
+        ax.scatter(*zip(*reference), marker="x", color="black", zorder=3, label="exact (all samples)")
+    finite = [v for v in [*(b[5] for b in history), *(r[1] for r in reference or ())] if v == v and v < 1e9]
+    if finite:
+        ax.set_ylim(0, 2 * max(finite))  # (single blocks scatter widely; the average sets the scale)
+    ax.set(title="gradient noise scale B_simple = tr(Sigma) / |G|^2", xlabel="optimizer step", ylabel="B_simple")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out_png)

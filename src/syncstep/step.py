@@ -2,9 +2,10 @@
 
     skip the step on every rank if a loss was non-finite   (on_nonfinite_loss="skip")
     unscale (fp16) and clip the gradients                   (gradient_clip_val)
-    optimizer.step() with each LR x the plan's multiplier   (scale x warmup; the user's LRs put back)
+    optimizer.step() with each LR x the plan's multiplier   (scale x warmup [x AdaScale's gain]; the
+                                                            user's LRs put back)
     update the gradient scaler, zero the gradients
-    global_step += 1, then the step-interval schedulers
+    global_step += 1, then the step-interval schedulers     (adascale: once per unit of tau, adascale.py)
 
 When for a whole epoch a step is nothing but ``step()`` and ``zero_grad()`` (one optimizer, LR
 multiplier 1, no clipping, scaler, skipping or step-interval scheduler), the loop gets a function that
@@ -26,7 +27,7 @@ class OptimizerStep:
     def __init__(self, *, optimizers: list[torch.optim.Optimizer], scheduler_configs: list, lr_plan: Any,
                  lr_names: list[str], scaler: torch.amp.GradScaler | None, gradient_clip_val: float | None,
                  gradient_clip_algorithm: str, guards: Any, state: Any, metric_values: dict[str, float],
-                 hooks: Any = None) -> None:
+                 hooks: Any = None, adascale: Any = None) -> None:
         self.optimizers, self.scheduler_configs = optimizers, scheduler_configs
         self.lr_plan, self.lr_names, self.scaler = lr_plan, lr_names, scaler
         self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm
@@ -37,6 +38,8 @@ class OptimizerStep:
         self.guarded = guards.skip or gradient_clip_val is not None or scaler is not None or self.hooks is not None
         self.multipliers: list[float] = [1.0] * len(optimizers)  # of the step last taken (for logging)
         self.ramping = True  # whether the multipliers may still change (warmup)
+        self.adascale = adascale  # lr_scaling="adascale": the measured gain, and progress tau (adascale.py)
+        self.noise: Any = None  # the noise-scale meter, whose state checkpoints keep (noise_scale.py)
 
     def for_epoch(self, epoch: int) -> Callable[[], None]:
         """The function the loop calls once per optimizer step of ``epoch``."""
@@ -44,7 +47,7 @@ class OptimizerStep:
         self.multipliers = plan.multipliers(state.global_step, epoch)
         self.ramping = not plan.settled(state.global_step, epoch)
         plain = (not self.guarded and len(self.optimizers) == 1 and not self.ramping and self.multipliers == [1.0]
-                 and not any(config.interval == "step" for config in self.scheduler_configs))
+                 and self.adascale is None and not any(config.interval == "step" for config in self.scheduler_configs))
         if not plain:
             return functools.partial(self.step, epoch)
         step, zero_grad = self.optimizers[0].step, self.optimizers[0].zero_grad
@@ -80,7 +83,8 @@ class OptimizerStep:
         if self.ramping:  # after warmup the multipliers stay put: no need to ask the plan every step
             self.multipliers = self.lr_plan.multipliers(state.global_step, epoch)
             self.ramping = not self.lr_plan.settled(state.global_step, epoch)
-        for opt, multiplier in zip(self.optimizers, self.multipliers):
+        multipliers = self.multipliers if self.adascale is None else self.adascale.apply(self.multipliers)
+        for opt, multiplier in zip(self.optimizers, multipliers):
             scaled_step(opt, multiplier, functools.partial(scaler.step, opt) if scaler is not None else opt.step)
         if scaler is not None:
             scaler.update()
@@ -89,23 +93,38 @@ class OptimizerStep:
                 self.hooks.call("on_before_zero_grad", opt)
             opt.zero_grad(set_to_none=True)
         state.global_step += 1
-        if self.scheduler_configs:
+        if self.adascale is not None:
+            self.adascale.advance(self.scheduler_configs, self.metric_values)
+        elif self.scheduler_configs:
             step_schedulers(self.scheduler_configs, "step", state.global_step, self.metric_values)
 
     def end_epoch(self, epoch: int) -> None:
-        """The epoch-interval schedulers, once the epoch has really ended."""
-        if self.scheduler_configs:
+        """The epoch-interval schedulers, once the epoch has really ended (adascale: they follow tau)."""
+        if self.scheduler_configs and self.adascale is None:
             step_schedulers(self.scheduler_configs, "epoch", epoch + 1, self.metric_values)
 
     def lr_values(self) -> dict[str, float]:
         """The LR each optimizer applied (after scaling and warmup), under Lightning's names."""
-        return lr_values(self.lr_names, self.optimizers, self.multipliers)
+        multipliers = self.multipliers if self.adascale is None else self.adascale.apply(self.multipliers)
+        return lr_values(self.lr_names, self.optimizers, multipliers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs of the step besides the optimizers (whose state the strategy gathers,
         as it may be sharded): the schedulers' and the scaler's states."""
-        return {"lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
-                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        state = {"lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if self.noise is not None:  # (every rank calls this: the meter gathers each rank's running sums)
+            state["noise_scale"] = self.noise.state_dict()
+        if self.adascale is not None:
+            state["adascale"] = self.adascale.state_dict()
+        return state
+
+    def load_noise_state(self, checkpoint: dict[str, Any], rank: int) -> None:
+        """The noise scale's sums and averages and AdaScale's tau and gain, when the checkpoint has them."""
+        if self.noise is not None and checkpoint.get("noise_scale"):
+            self.noise.load_state_dict(checkpoint["noise_scale"], rank)
+        if self.adascale is not None and checkpoint.get("adascale"):
+            self.adascale.load_state_dict(checkpoint["adascale"])
 
 
 def lr_values(names: list[str], optimizers: list, multipliers: list[float]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 Usage: python speed_ddp.py SCENARIO [SCENARIO ...]   (in the directory the results go to)
 
 hooks      one step with each of the fp16 / bf16 communication hooks: every rank's batch and the
-           gradients DDP leaves after backward (hooks.<hook>.rank<r>.pt)
+           gradients DDP leaves after backward (hooks.<hook>.rank<r>.pt); fp16 again with
+           noise_scale=True, with the noise meter's norms of the step (hooks.fp16_noise.rank<r>.pt)
 powersgd   12 steps with PowerSGD (two buckets) straight through, and 6 + 6 resumed from the step-6
            checkpoint, and the same resumed from a copy of that checkpoint without the hook's state (control)
 compile    5 steps compiled (aot_eager) and uncompiled, under ddp and fsdp
@@ -77,6 +78,13 @@ def hooks() -> None:
         model = Recording()
         t.fit(model, loader(dataset(16), 4))
         torch.save({"batch": model.seen, "grads": model.grads, "wrapped": seen}, f"hooks.{hook}.rank{t.global_rank}.pt")
+    # fp16 with the noise-scale measurement on: both must act (neither hook replaces the other)
+    t = trainer(max_steps=1, strategy=syncstep.DDPStrategy(ddp_comm_hook="fp16"), noise_scale=True)
+    model = Recording()
+    t.fit(model, loader(dataset(16), 4))
+    small, big = (float(v) for v in t._noise.last)
+    torch.save({"batch": model.seen, "grads": model.grads, "small": small, "big": big},
+               f"hooks.fp16_noise.rank{t.global_rank}.pt")
 
 
 def powersgd() -> None:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> float:
     trainer = syncstep.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
         warmup_epochs=1, seed=args.seed, default_root_dir=args.root, enable_progress_bar=not args.no_progress_bar,
-        log_every_n_steps=5,
+        log_every_n_steps=5, noise_scale=True,
     )
     model = Classifier(args.lr, args.epochs)
     if trainer.is_global_zero:
@@ -107,9 +107,16 @@ def main(argv: list[str] | None = None) -> float:
         from syncstep.plots import plot_metrics
 
         png = plot_metrics(os.path.join(trainer.log_dir, "metrics.csv"), os.path.join(args.root, "demo.png"))
+        noise = ""
+        if trainer.noise_scale is not None:  # (measurable with ddp on 2+ devices, see the start-up summary)
+            from syncstep.plots import plot_noise_scale
+
+            noise_png = plot_noise_scale(trainer.noise_scale["history"], os.path.join(args.root, "noise_scale.png"))
+            noise = f", {noise_png} (gradient noise scale)"
         print(f"final validation accuracy: {accuracy:.4f} on {len(val.dataset)} held-out digits "
               f"({'reached' if accuracy >= 0.95 else 'BELOW'} the 0.95 target)")
-        print(f"plots: {png} (loss and accuracy), {lr_png} (LR schedule); metrics: {trainer.log_dir}/metrics.csv")
+        print(f"plots: {png} (loss and accuracy), {lr_png} (LR schedule){noise}; metrics: "
+              f"{trainer.log_dir}/metrics.csv")
     return accuracy
 
 

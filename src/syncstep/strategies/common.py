@@ -151,6 +151,9 @@ class OneProcess:
     def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
         pass
 
+    def register_comm_hook(self, wrappers: list) -> None:
+        """DDP's gradient communication hook (strategies/ddp.py); nothing to register here."""
+
     def all_gather(self, data: Any) -> Any:
         return data  # one process: Lightning returns the data as it is, with no world dimension
 
@@ -251,6 +254,9 @@ class ProcessPerDevice:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def register_comm_hook(self, wrappers: list) -> None:
+        """DDP's gradient communication hook (strategies/ddp.py); nothing to register here."""
 
     def all_gather(self, data: Any) -> Any:
         """Every rank's tensors stacked along a new first dimension (on the collective device and back)."""

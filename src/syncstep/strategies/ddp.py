@@ -93,9 +93,15 @@ class DDP(ProcessPerDevice):
         )
         # process_group None: torch's hooks then use the default group, and the strategy, which outlives the
         # fit, holds no reference to it (one would keep gloo's threads alive until interpreter shutdown)
-        state, hook = comm_hooks.build_comm_hook(self.options.ddp_comm_hook, self.options.ddp_comm_options, None)
-        comm_hooks.register(self.ddp, state, hook, self.comm_hook_wrappers)
-        self.comm_state = state
+        self.comm_state, self._comm_hook = comm_hooks.build_comm_hook(
+            self.options.ddp_comm_hook, self.options.ddp_comm_options, None)
+
+    def register_comm_hook(self, wrappers: list) -> None:
+        """The model's one communication hook, registered once per fit before the first backward (the fit
+        loop calls this): the configured hook (``ddp_comm_hook``, or the plain all-reduce) inside
+        ``comm_hook_wrappers`` and then ``wrappers`` (the noise scale's), through ``comm_hooks.register``.
+        With no compression and no wrapper, DDP keeps its built-in all-reduce."""
+        comm_hooks.register(self.ddp, self.comm_state, self._comm_hook, [*self.comm_hook_wrappers, *wrappers])
 
     def sync_gradients(self, enabled: bool) -> None:
         # Same effect as ddp.no_sync() on the micro-batches before the last one, without a context
