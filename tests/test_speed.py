@@ -197,6 +197,9 @@ def test_bad_speed_arguments_say_what_to_do():
         trainer(compile={"modes": "max-autotune"})
     with pytest.raises(ValueError, match="flops_per_sample must be a number > 0"):
         trainer(flops_per_sample=0)
+    with pytest.raises(ValueError, match=r"needs every bucket at least as large as DDP's first one \(1 MiB\)"):
+        trainer(strategy=syncstep.DDPStrategy(bucket_cap_mb=0.5), devices=1, compile=True, max_steps=1).fit(
+            Tiny(), loader(dataset(8), 4))
     with pytest.raises(ValueError, match="does not work with strategy='dp'"):
         trainer(strategy="dp", devices=2, compile=True, max_steps=1).fit(Tiny(), loader(dataset(8), 4))
 

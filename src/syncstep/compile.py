@@ -64,6 +64,13 @@ def apply(model: torch.nn.Module, option: bool | dict, strategy: Any) -> None:
             "module to every GPU on every step, and the compiled forward would run on the original's parameters "
             "in every copy. Use strategy='ddp' (one process per GPU; faster than dp anyway), or compile=False."
         )
+    cap = getattr(getattr(strategy, "options", None), "bucket_cap_mb", None)  # (DDPStrategy's)
+    if cap is not None and cap < 1:
+        raise ValueError(
+            f"compile=True with DDPStrategy(bucket_cap_mb={cap}): torch's DDP optimizer, which splits the compiled "
+            "graph at DDP's buckets, needs every bucket at least as large as DDP's first one (1 MiB). Use "
+            "bucket_cap_mb >= 1, or compile=False."
+        )
     if model._compiled_call_impl is not None:  # an earlier stage (fit, then test) compiled it already
         return
     if user is not None:
