@@ -255,3 +255,22 @@ def test_elastic_run_finishes_on_the_remaining_node_as_an_uninterrupted_run(tmp_
     assert "world size 2 -> 1, global batch 8 -> 8 (accumulation 1 -> 2)" in out
     params = torch.load(tmp_path / "elastic.rank0.pt", weights_only=True)
     assert_params_close(params, reference_sgd(n=64, global_batch=8, steps=8, lr=0.1), atol=1e-6)
+
+
+def test_powersgd_state_moves_to_another_world_size_without_the_residuals():
+    """At another device count each rank's residual has no owner: it restarts at zero, P and Q carry over."""
+    strategy = syncstep.DDPStrategy(ddp_comm_hook="powersgd",
+                                    ddp_comm_options={"matrix_approximation_rank": 1, "start_powerSGD_iter": 2})
+    t = trainer(max_steps=4, strategy=strategy, devices=1)
+    t.fit(Tiny(), loader(dataset(32), 4))
+    saved = t.strategy.extra_state()
+    (one,) = saved["comm_hook"]
+    pieces = one["per_parameter"]
+    assert one["iter"] == 4 and all("error" in entry for entry in pieces.values())
+    assert {i for i, entry in pieces.items() if "p" in entry} == {0, 2}  # the two weight matrices
+    said = []
+    t.strategy.load_extra_state({"comm_hook": [one, one]}, said.append)  # as if saved by 2 processes
+    loaded = t.strategy.comm_state.per_parameter
+    assert "restarts at zero" in said[0]
+    assert all("error" not in entry for entry in loaded.values())
+    assert all(torch.equal(loaded[i]["p"], pieces[i]["p"]) for i in (0, 2))
