@@ -176,7 +176,7 @@ def test_logged_samples_per_second_agree_with_the_steps_and_batches():
         else:  # between two logging steps both clocks time the same three steps
             assert rate == pytest.approx(samples / window, rel=0.25)
         assert row["throughput/mfu"] == pytest.approx(rate * 1000.0 / 1e6, rel=1e-9)
-        assert row["throughput/slowest_rank"] == 0.0 and row["throughput/rank_time_max"] >= 0.01
+        assert "throughput/slowest_rank" not in row  # one process: no straggler to name (and no clock calls)
 
 
 @pytest.mark.filterwarnings("ignore:strategy=.dp. on the CPU")

@@ -293,7 +293,9 @@ class FitLoop:
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
-        manual, timer, clock = self.manual, self.throughput, time.perf_counter  # timer: throughput.py
+        manual, timer = self.manual, self.throughput  # timer: throughput.py
+        # each rank's time before backward names a straggler; one process has none to name, and no clock calls
+        clock = time.perf_counter if self.strategy.num_processes > 1 else None
         noise = self.noise
         if manual is not None:
             manual.epoch, step = epoch, None
@@ -322,13 +324,15 @@ class FitLoop:
                     batches_in = batches
                 if manual is not None:
                     manual.weight = sum(weights)
-                started = clock()
+                if clock is not None:
+                    started = clock()
                 if autocast_ is None:
                     loss = forward(batches_in, counts, weights, batch_idx)
                 else:
                     with autocast_:
                         loss = forward(batches_in, counts, weights, batch_idx)
-                timer.busy += clock() - started  # this rank's own time, before backward waits for the others
+                if clock is not None:  # this rank's own time, before backward waits for the others
+                    timer.busy += clock() - started
                 if manual is None:
                     if batch_hooks:
                         hooks.call("on_before_backward", loss)

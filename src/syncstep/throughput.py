@@ -88,10 +88,11 @@ class Throughput:
         self.window_busy, self.window_samples = self.busy, self.samples
         if steps <= 0 or elapsed <= 0:
             return {}
-        slowest = max(range(self.world), key=per_rank.__getitem__)
-        out = {"throughput/samples_per_sec": samples / elapsed, "throughput/steps_per_sec": steps / elapsed,
-               "throughput/rank_time_max": per_rank[slowest], "throughput/slowest_rank": float(slowest),
-               "throughput/rank_time_median": statistics.median(per_rank)}
+        out = {"throughput/samples_per_sec": samples / elapsed, "throughput/steps_per_sec": steps / elapsed}
+        if self.world > 1:  # (one process: the loop does not time its steps, and there is no straggler)
+            slowest = max(range(self.world), key=per_rank.__getitem__)
+            out.update({"throughput/rank_time_max": per_rank[slowest], "throughput/slowest_rank": float(slowest),
+                        "throughput/rank_time_median": statistics.median(per_rank)})
         if self.flops_per_sample is not None and self.peak:
             out["throughput/mfu"] = samples / elapsed * self.flops_per_sample / (self.peak * self.strategy.world_size)
         self.last = out
