@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import tempfile
 
@@ -230,3 +231,18 @@ def test_the_next_launch_removes_a_dead_launchers_rendezvous_directory(tmp_path)
             f.write(str(pid))
     selflaunch.remove_stale_rendezvous(str(tmp_path))
     assert not os.path.exists(stale) and os.path.exists(live)
+
+
+class TermAt(syncstep.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_without_checkpointing_says_that_no_checkpoint_was_written(tmp_path, capsys):
+    t = trainer(tmp_path, enable_checkpointing=False, max_epochs=3, callbacks=[TermAt()])
+    with pytest.raises(syncstep.Preempted):
+        t.fit(Tiny(), loader(dataset(40), 4))
+    out = capsys.readouterr().out
+    assert "SIGTERM received at step 2; exiting WITHOUT a checkpoint" in out, out
+    assert "checkpoint saved" not in out and not (tmp_path / "checkpoints").exists()
