@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import tempfile
 
@@ -230,3 +231,63 @@ def test_the_next_launch_removes_a_dead_launchers_rendezvous_directory(tmp_path)
             f.write(str(pid))
     selflaunch.remove_stale_rendezvous(str(tmp_path))
     assert not os.path.exists(stale) and os.path.exists(live)
+
+
+class TermAt(syncstep.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_without_checkpointing_says_that_no_checkpoint_was_written(tmp_path, capsys):
+    t = trainer(tmp_path, enable_checkpointing=False, max_epochs=3, callbacks=[TermAt()])
+    with pytest.raises(syncstep.Preempted):
+        t.fit(Tiny(), loader(dataset(40), 4))
+    out = capsys.readouterr().out
+    assert "SIGTERM received at step 2; exiting WITHOUT a checkpoint" in out, out
+    assert "checkpoint saved" not in out and not (tmp_path / "checkpoints").exists()
+
+
+class FillDiskForLogs(syncstep.Callback):
+    """After the checkpoint of step 2: fill the disk (for real), or make the CSV logger's writes fail as on
+    a full disk."""
+
+    def __init__(self, root, real: bool):
+        self.root, self.real = root, real
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step != 3:
+            return
+        if self.real:
+            fd = os.open(os.path.join(self.root, "filler"), os.O_WRONLY | os.O_CREAT)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            os.close(fd)
+            return
+
+        def save():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        trainer.loggers[0].save = save
+
+
+def test_a_full_disk_during_log_writes_says_so_and_the_checkpoint_is_intact(tmp_path):
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "size=512k") as real:
+        csv = syncstep.loggers.CSVLogger(save_dir=str(disk), flush_logs_every_n_steps=1)
+        t = syncstep.Trainer(accelerator="cpu", default_root_dir=str(disk), logger=[csv], log_every_n_steps=1,
+                             enable_progress_bar=False, enable_model_summary=False, max_steps=8,
+                             ckpt_every_n_steps=2, callbacks=[FillDiskForLogs(disk, real)])
+        first = disk / "checkpoints" / "epoch=0-step=2.ckpt"
+        with pytest.raises(OSError) as raised:  # the log write at step 3 comes before the next save
+            t.fit(Tiny(), loader(dataset(40), 4))
+        errors, error = [], raised.value
+        while error is not None:  # the first failure and what failed after it (the logger's finalize)
+            errors.append(error)
+            error = error.__context__
+        notes = [note for e in errors for note in getattr(e, "__notes__", ())]
+        assert any(getattr(e, "errno", None) == errno.ENOSPC for e in errors), errors
+        assert any("the disk is full (ENOSPC)" in note and "default_root_dir" in note for note in notes), notes
+        assert checkpoint.load(str(first))["loop"]["global_step"] == 2
+        assert sha256(first) == sha256(disk / "checkpoints" / "last.ckpt")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -191,6 +192,10 @@ def report_failure(error: BaseException, *, rank: int, world_size: int, where: s
     """Name the rank and where it failed, and hand the error to the launcher (ours, or torchrun's file)."""
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC and hasattr(error, "add_note"):
+        error.add_note("syncstep: the disk is full (ENOSPC). Logs and checkpoints go under Trainer(default_root_dir"
+                       "=...): free some space there or point it at another disk; the checkpoints already written "
+                       "are intact (each is written whole, then renamed into place).")
     if "find_unused_parameters=True" in str(error) and hasattr(error, "add_note"):  # DDP's advice, in our terms
         error.add_note('syncstep: some parameters got no gradient in a step; DDP must look for them, which is '
                        'Trainer(strategy="ddp_find_unused_parameters_true") (syncstep builds the '

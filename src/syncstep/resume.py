@@ -149,14 +149,18 @@ class Checkpointer:
         """``trainer.save_checkpoint(path)``: the run's state (or only the weights) at ``path``; every rank
         calls it (ModelCheckpoint does so on every rank)."""
         path = os.path.abspath(path)
-        if weights_only:
-            state = meta_state(self.model)
-            state["state_dict"], _ = self.strategy.gather_state(self.model, [])
-            if self.strategy.global_rank == 0:
-                ckpt.atomic_save(state, path)
-        else:
-            self._write(self._run_state(self.epoch_finished), path)
-        self.strategy.barrier()
+        failure = None
+        try:
+            if weights_only:
+                state = meta_state(self.model)
+                state["state_dict"], _ = self.strategy.gather_state(self.model, [])
+                if self.strategy.global_rank == 0:
+                    ckpt.atomic_save(state, path)
+            else:
+                self._write(self._run_state(self.epoch_finished), path)
+        except ckpt.CheckpointError as error:  # the disk refused: every rank learns it (as in save)
+            failure = str(error)
+        self._agree_on(failure)
 
     def _write(self, state: dict[str, Any], path: str) -> None:
         """The model's and optimizers' tensors added to ``state`` and written: one file from rank 0, or every

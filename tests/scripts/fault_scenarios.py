@@ -87,7 +87,7 @@ class Faulty(Tiny):
             self.trainer.should_stop = True
         if sig and self.global_rank == 0 and self.global_step == sig["step"] and not sig.get("sent"):
             sig["sent"] = True
-            os.kill(int(os.environ.get("SYNCSTEP_LAUNCHER_PID", os.getpid())), getattr(signal, sig["name"]))
+            os.kill(os.getppid(), getattr(signal, sig["name"]))  # the launcher: the workers' parent
         return super().training_step(batch, batch_idx)
 
     def on_train_epoch_end(self):
