@@ -5,7 +5,7 @@ A ``fit()`` in one paragraph (docs/architecture.md has the whole flow): the stra
 processes if it needs them (``launch``: in the parent this never returns), joins the process group and
 wraps the model (``stages.running``); ``loop.FitLoop`` derives the plan (optimizers, data layout, batch and
 LR arithmetic), resumes if asked, prints the plan and trains; ``fit()`` returns, or raises
-``Preempted`` if a SIGTERM stopped it after a checkpoint.
+``Preempted`` if a SIGTERM or SIGHUP stopped it (after a checkpoint).
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ class Trainer:
         """Train ``model``. ``ckpt_path`` resumes: a path, "last" for the newest good checkpoint, or "best".
 
         Raises :class:`syncstep.Preempted` (a ``SystemExit`` with code 143) on every rank when a
-        SIGTERM stopped the run after writing a checkpoint.
+        SIGTERM or SIGHUP stopped the run (after writing a checkpoint, unless checkpointing is off).
         """
         model = check_module(model)
         train_dataloaders, datamodule = split_datamodule(train_dataloaders, datamodule)
@@ -286,8 +286,9 @@ class Trainer:
             with torch.autograd.set_detect_anomaly(self.config.detect_anomaly):
                 FitLoop(self, model, train, val).run(ckpt_path)
         if self.state.preempted:
-            raise Preempted(f"SIGTERM: training stopped at step {self.global_step} after saving a checkpoint in "
-                            f"{self.checkpoint_dir}; resume with trainer.fit(..., ckpt_path='last').")
+            saved = (f"after saving a checkpoint in {self.checkpoint_dir}; resume with trainer.fit(..., "
+                     "ckpt_path='last')") if self.config.enable_checkpointing else "without a checkpoint"
+            raise Preempted(f"stop signal (SIGTERM or SIGHUP): training stopped at step {self.global_step} {saved}.")
 
     def validate(self, model: Module | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
                  verbose: bool = True, datamodule: Any = None) -> list[dict[str, float]]:
