@@ -13,7 +13,7 @@ import torch
 
 from syncstep import compile as compile_model
 from syncstep.callbacks.base import Callback
-from syncstep.data import inspect_loader
+from syncstep.loaders import inspect_loader
 from syncstep.datamodule import DataModule
 from syncstep.evaluation import evaluate
 from syncstep.hooks import Hooks
