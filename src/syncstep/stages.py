@@ -13,11 +13,11 @@ import torch
 
 from syncstep import compile as compile_model
 from syncstep.callbacks.base import Callback
-from syncstep.loaders import inspect_loader
 from syncstep.datamodule import DataModule
 from syncstep.evaluation import evaluate
 from syncstep.hooks import Hooks
 from syncstep.launch import report_failure
+from syncstep.loaders import inspect_loader
 from syncstep.loggers import agree_on_versions
 from syncstep.module import Module
 from syncstep.resume import find_checkpoint, load_weights

@@ -18,11 +18,12 @@ import torch
 
 from syncstep.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from syncstep.config import TrainerConfig, unknown_arguments
+from syncstep.fit_plan import FitPlan, plan_fit, plan_summary
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.hooks import Hooks
 from syncstep.launch import detect_environment
 from syncstep.loggers import make_loggers
-from syncstep.loop import FitLoop, FitPlan, plan_fit, plan_summary
+from syncstep.loop import FitLoop
 from syncstep.metrics import Metrics
 from syncstep.module import Module
 from syncstep.optim import simulate_lrs
