@@ -89,12 +89,14 @@ def test_sigterm_on_one_process(tmp_path):
 
 
 def test_a_collective_timeout_names_the_rank_and_ends_the_run(tmp_path):
-    cfg = {**FAULT, "name": "slow", "timeout": 3, "fail": {"rank": 1, "step": 2, "kind": "sleep", "seconds": 30}}
+    # Rank 0 hangs, so the launcher must notice rank 1's timeout while rank 0 still runs (it polls every
+    # worker; it used to wait for rank 0 first, 60 s here, and then had no running rank to name).
+    cfg = {**FAULT, "name": "slow", "timeout": 3, "fail": {"rank": 0, "step": 2, "kind": "sleep", "seconds": 60}}
     result, elapsed = timed(tmp_path, [cfg])
-    assert result.returncode != 0 and elapsed < 60
-    assert "syncstep: rank 0 failed in fit at epoch 0, step 2" in result.stdout
+    assert result.returncode != 0 and elapsed < 50, (elapsed, result.stdout[-3000:])
+    assert "syncstep: rank 1 failed in fit at epoch 0, step 2" in result.stdout
     assert "imed out" in result.stdout  # gloo: "Timed out waiting ... for recv operation"
-    assert "A collective timed out: rank(s) [1] never reached it" in result.stdout
+    assert "A collective timed out: rank(s) [0] never reached it" in result.stdout
 
 
 def test_parameters_that_differ_across_ranks_at_start_are_reported(tmp_path):

@@ -340,10 +340,10 @@ def test_skip_under_ddp_agrees_through_the_strategy_on_its_collective_device(mon
 
     import torch.distributed as dist
 
-    from syncstep.strategies.ddp import DDPStrategy
+    from syncstep.strategies.ddp import DDP
 
     inside, seen = threading.local(), []
-    strategy_reduce, torch_reduce = DDPStrategy.all_reduce, dist.all_reduce
+    strategy_reduce, torch_reduce = DDP.all_reduce, dist.all_reduce
 
     def through_strategy(self, tensor, op="sum"):
         inside.on = True
@@ -356,7 +356,7 @@ def test_skip_under_ddp_agrees_through_the_strategy_on_its_collective_device(mon
         seen.append((getattr(inside, "on", False), tensor.device))
         return torch_reduce(tensor, *args, **kwargs)
 
-    monkeypatch.setattr(DDPStrategy, "all_reduce", through_strategy)
+    monkeypatch.setattr(DDP, "all_reduce", through_strategy)
     monkeypatch.setattr(dist, "all_reduce", recorded)
     t = trainer(max_epochs=1, strategy="ddp", devices=1, on_nonfinite_loss="skip", lr_scaling="none")
     model = Tiny(fail={"rank": 0, "step": 3, "kind": "nan"})

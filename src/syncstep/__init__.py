@@ -7,10 +7,11 @@ from syncstep.datamodule import DataModule, LightningDataModule
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.module import Module
 from syncstep.rng import seed_everything
+from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.trainer import Trainer
 
 LightningModule = Module  # Lightning's name, so that `import syncstep as L` code reads unchanged
 
-__all__ = ["Callback", "DataModule", "FSDPStrategy", "LightningDataModule", "LightningModule", "Module",
+__all__ = ["Callback", "DataModule", "DDPStrategy", "FSDPStrategy", "LightningDataModule", "LightningModule", "Module",
            "NonFiniteLossError", "Preempted", "Trainer", "__version__", "seed_everything"]

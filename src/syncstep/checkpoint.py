@@ -2,7 +2,10 @@
 
 Writing: rank 0 writes ``.<name>.tmp-<pid>`` in the target directory, flushes and fsyncs it, renames it
 over the final name (atomic on POSIX file systems) and fsyncs the directory. A crash at any moment
-leaves either the old file or the new one under the name, never a partial file.
+leaves either the old file or the new one under the name, never a partial file; a write that fails (a
+full disk, a read-only directory) removes its temporary and raises ``CheckpointError`` saying so.
+``last.ckpt`` is a copy of the newest checkpoint written the same way (not a hard link: a damaged
+file must not damage both). ``lock_directory`` keeps a second run out of a directory in use.
 
 Reading: only ``torch.load(weights_only=True)``, which refuses any pickled Python object other than
 tensors and plain containers; there is no unsafe fallback. syncstep's own metadata is plain types.
@@ -14,6 +17,7 @@ to it. Everything here that finds, links, removes or describes checkpoints takes
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -46,16 +50,28 @@ def _fsync_dir(path: str) -> None:
 
 
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write`` a hidden temporary beside ``path``, then rename it over ``path`` and fsync the folder."""
+    """``write`` a hidden temporary beside ``path``, then rename it over ``path`` and fsync the folder;
+    CheckpointError if the disk refused (full, read-only), with nothing left under ``path``'s name."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
+        os.makedirs(directory, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(error, RuntimeError) and "writ" not in str(error).lower():
+            raise
+        raise CheckpointError(
+            f"could not write the checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Nothing was written under that name and the checkpoints already there are untouched. Free some "
+            "space or pass Trainer(default_root_dir=...) a writable directory (or enable_checkpointing=False)."
+        ) from error
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.lexists(tmp):
+                remove(tmp)
+        except OSError:
+            pass
     _fsync_dir(directory)
 
 
@@ -71,21 +87,49 @@ def atomic_save(obj: Any, path: str) -> None:
     _replace_atomically(path, write)
 
 
-def atomic_link(source: str, path: str) -> None:
-    """Make ``path`` name the same file as ``source`` (a hard link, or a copy where links fail)."""
+def atomic_copy(source: str, path: str) -> None:
+    """Make ``path`` a copy of ``source``, atomically (a sharded checkpoint: a symbolic link to it)."""
 
     def write(tmp: str) -> None:
         if os.path.isdir(source):  # a sharded checkpoint: a relative link, so the folder can move
             os.symlink(os.path.basename(source), tmp)
             return
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
 
     _replace_atomically(path, write)
+
+
+def lock_directory(directory: str) -> tuple[int | None, str | None]:
+    """Lock ``directory`` for one run (an advisory flock on the directory itself, so no file is added to
+    it, dropped when the process ends, however it ends): (the lock's file descriptor, None), or (None,
+    why this run may not use the directory)."""
+    import fcntl
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as error:
+        return None, (f"cannot write checkpoints to {directory} ({type(error).__name__}: {error.strerror}). Pass "
+                      "Trainer(default_root_dir=...) a writable directory, or enable_checkpointing=False.")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None, (f"another run is training into {directory} (a process holds its lock); two runs in one "
+                      "directory would overwrite each other's checkpoints and last.ckpt. Give this run its own "
+                      "Trainer(default_root_dir=...), or wait for the other to finish.")
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        return fd, None
+    return fd, None
+
+
+def unlock_directory(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # drops the lock
 
 
 def remove_stale_temporaries(directory: str) -> None:
@@ -127,13 +171,15 @@ def load(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = _unpickler_reason(str(error))
-        if "global" not in reason.lower():  # not a forbidden object: the bytes themselves are broken
+        refused, reason = _unpickler_reason(str(error))
+        if not refused:  # not a forbidden object: the bytes themselves are broken
             raise CheckpointError(f"{path} is not a readable checkpoint; it is probably corrupted ({reason}).") \
                 from None
         raise CheckpointError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain data, which "
-            f"could run code when unpickled, and syncstep only loads with weights_only=True ({reason})."
+            f"refused to load {path} for safety: it holds Python objects other than tensors and plain data, "
+            f"which could run code when unpickled ({reason}). syncstep loads checkpoints only with "
+            "weights_only=True and nothing in the file was run. If you did not write this file yourself, do not "
+            "load it any other way."
         ) from None
     except Exception as error:  # on arbitrary bytes torch.load can raise almost anything (IndexError, ...)
         raise CheckpointError(
@@ -145,14 +191,19 @@ def load(path: str) -> dict:
     return checkpoint
 
 
-def _unpickler_reason(message: str) -> str:
-    """The one informative line of torch's long weights_only error."""
+def _unpickler_reason(message: str) -> tuple[bool, str]:
+    """Whether torch's weights-only unpickler refused an object (a GLOBAL it does not allow) rather than
+    unreadable bytes, and the one informative line of its long message: never its advice to retry with
+    weights_only=False, the unsafe thing to tell someone holding a crafted file. torch < 2.6 puts the
+    reason after "WeightsUnpickler error:", later versions on a line of its own ("Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked.")."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error"):
-            rest = line.split(":", 1)[1].strip()
-            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
-    return lines[0] if lines else "unpickling failed"
+    lines = [line.split(":", 1)[1].strip() if line.startswith("WeightsUnpickler error") else line for line in lines]
+    lines = [line for line in lines if line and "weights_only" not in line.replace("`", "").replace(" ", "_")]
+    found = next((line for line in lines if "global" in line.lower()), None)
+    if found is not None:
+        return True, found
+    return False, next((line for line in lines if not line.startswith("Weights only")), "unpickling failed")
 
 
 def step_checkpoints(directory: str) -> list[str]:

@@ -14,8 +14,10 @@ import os
 from datetime import timedelta
 from typing import Any
 
+from syncstep.compile import check_option as check_compile_option
 from syncstep.plan import LR_SCALING_RULES, check_warmup_arguments
 from syncstep.precision import PRECISIONS
+from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.fsdp import FSDPStrategy
 
 # Names users bring from other trainers, Lightning 1.x and our own design note.
@@ -54,11 +56,15 @@ class TrainerConfig:
     """"cpu", "gpu" / "cuda", or "auto" (a GPU if one is visible)."""
     devices: int | str | list[int] = "auto"
     """Devices on this node: an int, a list of GPU indices, or "auto"."""
-    strategy: str | FSDPStrategy = "auto"
-    """"single", "dp", "ddp", "ddp_find_unused_parameters_true", "fsdp", or ``syncstep.FSDPStrategy(...)``
-    (fsdp with options); auto: single for one device, else ddp."""
-    num_nodes: int = 1
-    """Machines; must match what torchrun or SLURM started."""
+    strategy: str | FSDPStrategy | DDPStrategy = "auto"
+    """"single", "dp", "ddp", "ddp_find_unused_parameters_true", "fsdp", ``syncstep.FSDPStrategy(...)``
+    (fsdp with options) or ``syncstep.DDPStrategy(...)`` (ddp with options: communication hook, buckets);
+    auto: single for one device, else ddp."""
+    num_nodes: int | str = 1
+    """Machines; must match what torchrun or SLURM started. "auto": whatever the launcher started, which
+    under elastic torchrun (``--nnodes=MIN:MAX``) may change from one restart to the next: each restart
+    resumes from the last checkpoint on the new world size (fix ``global_batch_size`` to keep the same
+    run; without it the LR is re-derived for the new global batch, and said so)."""
     precision: str | int = "32"
     """"32", "bf16-mixed" or "16-mixed" (with a gradient scaler); normalised to one of these."""
     accumulate_grad_batches: int | None = None
@@ -143,6 +149,15 @@ class TrainerConfig:
     """Turn BatchNorm layers into SyncBatchNorm when there are several processes (GPUs)."""
     detect_anomaly: bool = False
     """torch.autograd's anomaly detection during fit (slow; for debugging NaNs)."""
+    compile: bool | dict = False
+    """torch.compile the model's forward (what ``self(x)`` runs) after the strategy wrapped it: True, or a
+    dict of torch.compile's arguments ({"mode": "max-autotune"}). Under ddp the graph is split at DDP's
+    bucket boundaries, so the all-reduce still overlaps backward. Not with dp (see compile.py)."""
+    flops_per_sample: float | None = None
+    """Model FLOPs of one training sample (forward and backward, ~6 x parameters x tokens for a
+    transformer): the loggers then get ``throughput/mfu`` (throughput.py)."""
+    peak_flops_per_device: float | None = None
+    """Peak FLOP/s of one device for the MFU (default: syncstep's table for an H100 / H200 / A100 at the precision)."""
 
     max_epochs_defaulted: bool = dataclasses.field(default=False, init=False)
     """Whether ``max_epochs`` is the default 1000 because neither limit was given."""
@@ -156,16 +171,18 @@ class TrainerConfig:
         if self.max_epochs is None and self.max_steps == -1:
             set_(self, "max_epochs", DEFAULT_MAX_EPOCHS)
             set_(self, "max_epochs_defaulted", True)
-        if not isinstance(self.strategy, (str, FSDPStrategy)):
+        if not isinstance(self.strategy, (str, FSDPStrategy, DDPStrategy)):
             got = self.strategy
-            hint = (" Pass an instance: strategy=FSDPStrategy()." if got is FSDPStrategy else
+            hint = (f" Pass an instance: strategy={got.__name__}()." if got in (FSDPStrategy, DDPStrategy) else
                     " syncstep's other strategies are chosen by name, e.g. strategy='ddp'." if hasattr(got, "setup")
                     else "")
             raise TypeError(
                 "strategy must be a name ('auto', 'single', 'dp', 'ddp', 'fsdp', ...) or syncstep.FSDPStrategy(...), "
+                "syncstep.DDPStrategy(...), "
                 f"got {got!r}.{hint}"
             )
-        _positive_int("num_nodes", self.num_nodes, allow_none=False)
+        if self.num_nodes != "auto":
+            _positive_int("num_nodes", self.num_nodes, allow_none=False)
         for name in ("accumulate_grad_batches", "global_batch_size", "reference_batch_size",
                      "check_val_every_n_epoch", "ckpt_every_n_epochs", "ckpt_every_n_steps"):
             _positive_int(name, getattr(self, name))
@@ -244,6 +261,11 @@ class TrainerConfig:
                 raise TypeError(f"callbacks=[...] takes syncstep.Callback objects, got {type(callback).__name__}. "
                                 "Subclass syncstep.Callback (Lightning's hook names and arguments).")
         set_(self, "callbacks", list(callbacks or ()))
+        set_(self, "compile", check_compile_option(self.compile))
+        for name in ("flops_per_sample", "peak_flops_per_device"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a number > 0 (FLOPs), or None; got {value!r}.")
 
     @property
     def checkpoint_dir(self) -> str:

@@ -18,21 +18,16 @@ exactly once; the stock DistributedSampler pads with duplicates instead.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    IterableDataset,
-    RandomSampler,
     Sampler,
-    SequentialSampler,
 )
 
+from syncstep.loaders import inspect_loader, rebuild_loader, sampler_order
 from syncstep.plan import BatchPlan
 
 
@@ -144,79 +139,6 @@ class EvalBatchSampler(Sampler[list[int]]):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rebuilding the user's DataLoader around our batch sampler, keeping everything else they chose.
-
-_LOADER_SETTINGS = (
-    "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-    "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order",
-)
-
-
-@dataclass(frozen=True)
-class LoaderInfo:
-    dataset: object
-    batch_size: int
-    shuffle: bool
-    drop_last: bool
-    custom_sampler: Sampler | None
-
-
-def inspect_loader(loader: DataLoader, what: str) -> LoaderInfo:
-    """Read what syncstep needs from a user's DataLoader, or explain why it cannot be sharded."""
-    if not isinstance(loader, DataLoader):
-        raise TypeError(
-            f"the {what} must be a torch.utils.data.DataLoader, got {type(loader).__name__}. Wrap your "
-            "dataset: DataLoader(dataset, batch_size=..., shuffle=...)."
-        )
-    if isinstance(loader.dataset, IterableDataset):
-        raise ValueError(
-            f"the {what} wraps an IterableDataset, which syncstep cannot split across replicas exactly. "
-            "Use a map-style Dataset, or shard the stream yourself (torch.utils.data.get_worker_info and "
-            "trainer.global_rank) and pass Trainer(use_distributed_sampler=False)."
-        )
-    batch_sampler = loader.batch_sampler
-    if loader.batch_size is None or type(batch_sampler) is not BatchSampler:
-        raise ValueError(
-            f"the {what} uses a custom batch_sampler (or batch_size=None); syncstep builds the batches "
-            "itself so that replicas split each step exactly. Pass batch_size= (and a sampler= if you "
-            "need a custom order), or pass Trainer(use_distributed_sampler=False) to use your loader as is."
-        )
-    sampler = loader.sampler
-    shuffle = isinstance(sampler, RandomSampler)
-    if shuffle and (sampler.replacement or sampler._num_samples is not None):
-        custom: Sampler | None = sampler
-    else:
-        custom = None if isinstance(sampler, (RandomSampler, SequentialSampler)) else sampler
-    return LoaderInfo(loader.dataset, loader.batch_size, shuffle, loader.drop_last, custom)
-
-
-def rebuild_loader(loader: DataLoader, batch_sampler: Sampler[list[int]], seed: int = 0) -> DataLoader:
-    """A DataLoader like the user's (workers, collate, pinning, ...) but with our batch sampler.
-
-    It gets a generator of its own: a DataLoader without one draws its workers' base seed from the
-    global RNG each time it is iterated, which would make a resumed run's dropout masks differ.
-    """
-    settings = {name: getattr(loader, name) for name in _LOADER_SETTINGS if hasattr(loader, name)}
-    if not settings.get("num_workers"):
-        for name in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
-            settings.pop(name, None)
-    settings["generator"] = torch.Generator().manual_seed(seed)
-    if settings.get("num_workers") and settings.get("worker_init_fn") is None \
-            and os.environ.get("PL_SEED_WORKERS") == "1":
-        from syncstep.rng import seed_worker
-
-        settings["worker_init_fn"] = seed_worker
-    return DataLoader(loader.dataset, batch_sampler=batch_sampler, **settings)
-
-
-def sampler_order(sampler: Sampler, epoch: int) -> list[int]:
-    """This epoch's indices from a user's own sampler (the trainer takes rank 0's, so all ranks agree)."""
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    return [int(i) for i in sampler]
-
-
-# ---------------------------------------------------------------------------------------------------
 # What the trainer iterates: per optimizer step the micro-batches, each with (count, batch) per replica.
 
 
@@ -224,9 +146,11 @@ class TrainData:
     """The training loader rebuilt around our batch sampler, and the per-step plan that goes with it."""
 
     def __init__(self, loader: Any, seed: int | None, replicas_per_process: int, distributed_sampler: bool,
-                 broadcast_object: Callable[[Callable[[], Any]], Any]) -> None:
+                 broadcast_object: Callable[[Callable[[], Any]], Any], rank: int = 0) -> None:
         """``broadcast_object(make)`` runs ``make`` on rank 0 and gives its result to every rank (the
-        strategy's; in one process simply ``make()``)."""
+        strategy's; in one process simply ``make()``). An empty training set, or one whose length differs
+        from rank 0's, is refused here, before any step (a rank with more samples would wait for ever in
+        a collective the others never join); the length travels with the seed, so it costs nothing."""
         self.loader, self.distributed_sampler = loader, distributed_sampler
         self.broadcast_object = broadcast_object
         self.replicas_per_process = replicas_per_process
@@ -241,16 +165,37 @@ class TrainData:
             if not isinstance(self.per_device_batch_size, int):
                 raise ValueError("with use_distributed_sampler=False, the DataLoader needs an int batch_size.")
             self.num_samples = 0  # unknown: the loader decides
-        # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)).
-        self.shuffle_seed = broadcast_object(lambda: seed if seed is not None else 0)
+        # None: a stream without a length (an IterableDataset), trained for max_steps (set_layout)
+        self.loader_batches = _length(loader) if not distributed_sampler else None
+        if (self.num_samples if distributed_sampler else self.loader_batches) == 0:
+            raise ValueError(
+                "the training set is empty (its DataLoader yields no batch), so there is nothing to train on; "
+                "check how the dataset is built (a wrong path or filter often gives 0 samples)."
+            )
+        # Rank 0's seed, so that every rank shuffles the same way (0 unless Trainer(seed=...)), and its length.
+        self.shuffle_seed, samples = broadcast_object(lambda: (seed if seed is not None else 0, self.num_samples))
+        if samples != self.num_samples:
+            raise ValueError(
+                f"the training set has {self.num_samples} samples on rank {rank} but {samples} on rank 0; every "
+                "rank must build the same dataset (syncstep splits it between them). Look for rank-dependent "
+                "code or data (a download or cache still being written, a per-rank file)."
+            )
         self.layout: StepLayout | None = None
         self.sampler: TrainBatchSampler | None = None
         self.replicas: list[int] = []
         self.built: Any = None
 
-    def set_layout(self, batch: BatchPlan, limit: int | float | None = None) -> None:
+    def set_layout(self, batch: BatchPlan, limit: int | float | None = None, max_steps: int = -1) -> None:
         """Cut epochs into steps for ``batch``; ``limit`` (limit_train_batches) trains each epoch on the
-        leading samples of its permutation only."""
+        leading samples of its permutation only. A stream without a length is one epoch of ``max_steps``."""
+        if not self.distributed_sampler and self.loader_batches is None:
+            if max_steps < 0:
+                raise ValueError(
+                    "the training DataLoader has no length (an IterableDataset without __len__), so an epoch "
+                    "has no end: pass Trainer(max_steps=N), and give every rank a stream of at least N x "
+                    "accumulate_grad_batches batches (each rank iterates its own loader)."
+                )
+            self.loader_batches = max_steps * self.replicas_per_process * batch.accumulate_grad_batches
         drop_last = self.info.drop_last if self.info else False
         samples = limit_samples(self.num_samples, batch.per_device_batch_size, batch.world_size, limit)
         self.layout = StepLayout(samples, batch.per_device_batch_size, batch.world_size,
@@ -264,7 +209,7 @@ class TrainData:
 
     def steps_per_epoch(self, start_sample: int) -> int:
         if not self.distributed_sampler:
-            return math.ceil(len(self.loader) / (self.replicas_per_process * self.layout.accumulate_grad_batches))
+            return math.ceil(self.loader_batches / (self.replicas_per_process * self.layout.accumulate_grad_batches))
         return self.layout.num_steps(start_sample)
 
     def _order(self, epoch: int) -> list[int]:
@@ -303,7 +248,7 @@ class TrainData:
         """use_distributed_sampler=False: the user's loader as it is, full-batch weights (1 / A)."""
         per_micro, accumulation = self.replicas_per_process, self.layout.accumulate_grad_batches
         b, nominal = self.per_device_batch_size, self.layout.global_batch_size
-        batches, plan = len(self.loader), []
+        batches, plan = self.loader_batches, []
         while batches > 0:
             micro = []
             for _ in range(accumulation):
@@ -316,6 +261,14 @@ class TrainData:
             micro[-1] = micro[-1][:2] + (True,)
             plan.append((nominal, micro))
         return plan
+
+
+def _length(loader: Any) -> int | None:
+    """len(loader), or None for a loader over a stream that has no length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def limit_samples(num_samples: int, batch_size: int, world_size: int, limit: int | float | None) -> int:

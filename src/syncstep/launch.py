@@ -3,16 +3,13 @@
 - Under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), and
   under SLURM's ``srun``, the processes exist already: we read our place from the environment.
 - From a plain ``python train.py`` with ``devices > 1`` and ``strategy="ddp"``, syncstep starts the
-  processes itself: the script runs again from the top in each worker, as it would under torchrun,
-  and this process waits for them and exits with their status. The workers meet through a
-  ``torch.distributed.FileStore`` in a private directory rather than torchrun's TCPStore, because a
-  TCPStore listens on every network interface and a single-machine run should open no port to the
-  network. When one worker dies or raises, the others are stopped at once (as torchrun does) and the
-  failed rank's traceback is shown, instead of a hang on a collective.
+  processes itself (``selflaunch.py``): the script runs again from the top in each worker, as it would
+  under torchrun, and this process waits for them and exits with their status.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -22,6 +19,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from syncstep import selflaunch
+
+selflaunch.watch_launcher()  # in a self-launched worker: report uncaught errors, die with the launcher
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,25 @@ def _main_module() -> str | None:
     return spec.name if spec is not None else None
 
 
+def _script_at_import() -> str | None:
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.abspath(script) if script not in ("", "-c", "-m") and os.path.isfile(script) else None
+
+
+# Resolved when syncstep is imported, before the script can os.chdir() elsewhere: the workers run this
+# file again from this directory.
+_SCRIPT, _START_DIRECTORY = _script_at_import(), os.getcwd()
+
+
 def can_self_launch() -> str | None:
     """Why the script cannot be started again in worker processes, or None if it can."""
     script = sys.argv[0] if sys.argv else ""
-    if not script or script in ("-c", "-m") or not os.path.isfile(script):
+    if not script or script in ("-c", "-m"):
         return "it is not running from a script file (an interactive session, a notebook or python -c)"
+    if _SCRIPT is None and _main_module() is None:
+        return (f"its path {script!r} (sys.argv[0]) does not name a file from the directory it started in "
+                f"({_START_DIRECTORY}): did the script os.chdir() before importing syncstep? Import syncstep "
+                "first, or run it by its absolute path")
     runner = _main_module() or os.path.basename(script)
     if runner.startswith(("pytest", "py.test", "_pytest", "ipykernel", "jupyter")):
         return f"it is running under {runner.split('.')[0]}"
@@ -168,129 +183,26 @@ def can_self_launch() -> str | None:
 
 
 def self_launch(nprocs: int) -> None:
-    """Run this script in ``nprocs`` worker processes on this machine and wait for them; never returns.
-
-    The workers meet through a FileStore in a private temporary directory, so the launch opens no
-    network port at all (torchrun's TCPStore listens on every interface); gloo's own connections stay
-    on the loopback interface. If a worker fails or is killed, the others are stopped at once
-    (SIGTERM, then SIGKILL after a grace period) and this process exits with the failure's code.
-    """
-    import signal
-    import tempfile
-    import time
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Share the cores out between the workers (torchrun would set 1).
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nprocs))
-    module = _main_module()
-    target = ["-m", module.removesuffix(".__main__")] if module else [sys.argv[0]]
-    command = [sys.executable, "-u", *target, *sys.argv[1:]]
-    workdir = tempfile.mkdtemp(prefix="syncstep-launch-")  # mode 0700: only this user can join
-    print(
-        f"syncstep: starting {nprocs} processes on this machine (OMP_NUM_THREADS="
-        f"{os.environ['OMP_NUM_THREADS']} each); the script runs again from the top in each of them, and "
-        "this process waits for them.",
-        file=sys.stderr,
-        flush=True,
-    )
-    # PYTHONFAULTHANDLER: a worker that crashes in C++ (SIGSEGV, SIGABRT) still prints where Python was.
-    base = dict(os.environ, SYNCSTEP_FILE_STORE=os.path.join(workdir, "store"), SYNCSTEP_ERROR_DIR=workdir,
-                WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                PYTHONFAULTHANDLER=os.environ.get("PYTHONFAULTHANDLER", "1"))
-    workers = [subprocess.Popen(command, env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nprocs)]
-
-    def stop(signum: int = signal.SIGTERM, grace: float = 10.0) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
-        deadline = time.monotonic() + grace
-        for worker in workers:
-            try:
-                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-
-    def forward(signum: int, frame: object) -> None:  # Ctrl-C or a scheduler's SIGTERM: pass it on
-        stop(signum, grace=30.0)
-        _remove(workdir)
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    failure = None
-    while failure is None and any(w.poll() is None for w in workers):
-        failure = next(((r, w.returncode) for r, w in enumerate(workers) if w.returncode not in (None, 0)), None)
-        time.sleep(0.05)
-    if failure is None:
-        failure = next(((r, w.returncode) for r, w in enumerate(workers) if w.returncode != 0), None)
-    if failure is not None:
-        # Collect what exited on its own before we stop the rest: a rank killed by a signal we did not
-        # send is the root cause; otherwise the earliest error a rank recorded (see write_error_file).
-        died = {r: w.returncode for r, w in enumerate(workers) if w.returncode not in (None, 0)}
-        running = [r for r, w in enumerate(workers) if w.returncode is None]
-        stop()
-        errors = read_error_files(workdir)
-        killed = [r for r, code in died.items() if code < 0]
-        if killed:
-            rank, what = killed[0], f"was killed by {signal.Signals(-died[killed[0]]).name}"
-        elif errors:
-            rank = min(errors.items(), key=lambda item: item[1]["time"])[0]
-            what = f"failed first: {errors[rank]['error']}"
-        else:
-            rank, what = failure[0], f"exited with code {failure[1]}"
-        still = f" (still running then, so stopped by syncstep: rank(s) {running})" if running else ""
-        hint = ""
-        if "imed out" in what and running:
-            hint = f" A collective timed out: rank(s) {running} never reached it; look at what they were doing."
-        print(f"syncstep: rank {rank} {what}; the other processes were stopped{still}. Its traceback, if any, is "
-              f"above (lines prefixed [rank{rank}]).{hint}", file=sys.stderr, flush=True)
-    _remove(workdir)
-    sys.exit(0 if failure is None else (failure[1] if failure[1] > 0 else 128 - failure[1]))
-
-
-def write_error_file(rank: int, error: BaseException) -> None:
-    """Record a rank's failure for the launcher, which names the first rank that failed."""
-    import json
-    import time
-
-    directory = os.environ.get("SYNCSTEP_ERROR_DIR")
-    if not directory:
-        return
-    try:
-        with open(os.path.join(directory, f"error-rank{rank}.json"), "w") as f:
-            json.dump({"time": time.time(), "error": f"{type(error).__name__}: {error}"}, f)
-    except OSError:
-        pass
-
-
-def read_error_files(directory: str) -> dict[int, dict]:
-    import json
-
-    errors = {}
-    for name in os.listdir(directory):
-        if name.startswith("error-rank") and name.endswith(".json"):
-            try:
-                with open(os.path.join(directory, name)) as f:
-                    errors[int(name[10:-5])] = json.load(f)
-            except (OSError, ValueError):
-                pass
-    return errors
-
-
-def _remove(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    """Run this script in ``nprocs`` worker processes on this machine and wait for them; never returns
+    (selflaunch.py). They start from the directory the script started in, whatever it chdir()ed to."""
+    selflaunch.self_launch(nprocs, _SCRIPT or sys.argv[0], _START_DIRECTORY)
 
 
 def report_failure(error: BaseException, *, rank: int, world_size: int, where: str) -> None:
     """Name the rank and where it failed, and hand the error to the launcher (ours, or torchrun's file)."""
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC and hasattr(error, "add_note"):
+        error.add_note("syncstep: the disk is full (ENOSPC). Logs and checkpoints go under Trainer(default_root_dir"
+                       "=...): free some space there or point it at another disk; the checkpoints already written "
+                       "are intact (each is written whole, then renamed into place).")
+    if "find_unused_parameters=True" in str(error) and hasattr(error, "add_note"):  # DDP's advice, in our terms
+        error.add_note('syncstep: some parameters got no gradient in a step; DDP must look for them, which is '
+                       'Trainer(strategy="ddp_find_unused_parameters_true") (syncstep builds the '
+                       'DistributedDataParallel itself, so find_unused_parameters=True cannot be passed to it).')
     if world_size > 1:
         print(f"syncstep: rank {rank} failed in {where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-    write_error_file(rank, error)
+    selflaunch.write_error_file(rank, error)
     if os.environ.get("TORCHELASTIC_ERROR_FILE") and isinstance(error, Exception):
         try:
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler

@@ -21,107 +21,23 @@ is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
 from __future__ import annotations
 
 import sys
-import warnings
-from dataclasses import dataclass
+import time
 from typing import Any
 
 from syncstep import checkpoint as ckpt
 from syncstep import noise_scale
 from syncstep.adascale import build as build_adascale
-from syncstep.adascale import reference_steps
-from syncstep.data import TrainData
 from syncstep.evaluation import evaluate
+from syncstep.fit_plan import hyperparameters, plan_fit, plan_summary
 from syncstep.guards import Guards
 from syncstep.model_summary import model_summary
 from syncstep.module import Module
-from syncstep.optim import SchedulerConfig, parse_optimizers, unique_parameters
-from syncstep.plan import (
-    BatchPlan,
-    LRPlan,
-    double_clipping,
-    optimizer_names,
-    plan_batch,
-    plan_lr,
-    resolve_warmup,
-    summary,
-)
+from syncstep.optim import unique_parameters
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
 from syncstep.step import ManualOptimization, OptimizerStep
-
-
-@dataclass(frozen=True)
-class FitPlan:
-    """Optimizers, the data layout and the batch / LR arithmetic, derived once, before any step."""
-
-    optimizers: list
-    scheduler_configs: list[SchedulerConfig]
-    train: TrainData
-    batch: BatchPlan
-    lr: LRPlan
-    lr_names: list[str]
-    steps_per_epoch: int
-    total_steps: int
-
-
-def plan_fit(config: Any, strategy: Any, model: Module, loader: Any, broadcast_object: Any) -> FitPlan:
-    """The plan of a fit of ``model`` on ``loader``; ``lr_schedule()`` uses it without any process group."""
-    optimizers, scheduler_configs = parse_optimizers(model.configure_optimizers())
-    check_optimizer_parameters(model, optimizers)
-    train = TrainData(loader, config.seed, len(strategy.replicas), config.use_distributed_sampler, broadcast_object)
-    batch = plan_batch(train.per_device_batch_size, strategy.world_size, config.accumulate_grad_batches,
-                       config.global_batch_size, config.reference_batch_size)
-    train.set_layout(batch, config.limit_train_batches)
-    steps_per_epoch = train.steps_per_epoch(0)
-    total = steps_per_epoch * config.max_epochs if config.max_epochs is not None else config.max_steps
-    total = min(total, config.max_steps) if config.max_steps >= 0 else total
-    warmup = resolve_warmup(warmup_steps=config.warmup_steps, warmup_epochs=config.warmup_epochs,
-                            interval=config.warmup_interval, kind=config.warmup_type,
-                            start_factor=config.warmup_start_factor, steps_per_epoch=steps_per_epoch,
-                            total_steps=total, batch=batch)
-    lr = plan_lr(optimizers, config.lr_scaling, batch, warmup)
-    clipped_twice = double_clipping(optimizers, config.gradient_clip_val)
-    if clipped_twice:
-        warnings.warn(clipped_twice, stacklevel=2)
-    return FitPlan(optimizers, scheduler_configs, train, batch, lr, optimizer_names(optimizers), steps_per_epoch,
-                   total)
-
-
-def check_optimizer_parameters(model: Module, optimizers: list) -> None:
-    """Every parameter an optimizer steps must be one of the model's, as the strategy left them."""
-    own = {id(p) for p in model.parameters()}
-    for i, opt in enumerate(optimizers):
-        foreign = sum(id(p) not in own for group in opt.param_groups for p in group["params"])
-        if foreign:
-            raise ValueError(
-                f"optimizer {i} ({type(opt).__name__}) holds {foreign} tensor(s) that are not parameters of the "
-                "model. Build the optimizer inside configure_optimizers, from self.parameters(): the strategy "
-                "sets the model up first, and strategy='fsdp' replaces every parameter with its shard, so an "
-                "optimizer made earlier (in __init__, say) would step the old, unsharded tensors and train nothing."
-            )
-
-
-def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
-    return summary(strategy=strategy.name, accelerator=strategy.root_device.type, devices=strategy.num_devices,
-                   num_nodes=config.num_nodes, batch=plan.batch, lr=plan.lr, steps_per_epoch=plan.steps_per_epoch,
-                   total_steps=plan.total_steps, requested_rule=config.lr_scaling, max_epochs=config.max_epochs,
-                   adascale_target=reference_steps(config, plan) if config.lr_scaling == "adascale" else None,
-                   extra=[*strategy.summary_lines(plan.optimizers),
-                          *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
-
-
-def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
-    """The run's settings, as the loggers' hyperparameters and a checkpoint's "world" section."""
-    b, lr = plan.batch, plan.lr
-    return {
-        "strategy": strategy.name, "accelerator": strategy.root_device.type, "world_size": b.world_size,
-        "num_nodes": config.num_nodes, "per_device_batch_size": b.per_device_batch_size,
-        "accumulate_grad_batches": b.accumulate_grad_batches, "global_batch_size": b.global_batch_size,
-        "reference_batch_size": b.reference_batch_size, "lr_scaling": config.lr_scaling,
-        "lr_factors": [o.factor for o in lr.optimizers], "precision": config.precision,
-        "warmup_steps": lr.warmup.length, "warmup_interval": lr.warmup.interval,
-    }
+from syncstep.throughput import Throughput
 
 
 class FitLoop:
@@ -137,6 +53,8 @@ class FitLoop:
         scaler = grad_scaler(config.precision, strategy.root_device)
         self.noise = trainer._noise = noise_scale.build(config, strategy, plan, scaler,
                                                         unique_parameters(plan.optimizers), model)
+        # DDP's one communication hook: the configured compression, observed by the noise scale if on
+        strategy.register_comm_hook([self.noise.comm_hook_wrapper] if self.noise and self.noise.source == "ddp" else [])
         self.adascale = build_adascale(config, strategy, plan, self.noise)
         self.stepper = OptimizerStep(
             optimizers=plan.optimizers, scheduler_configs=plan.scheduler_configs, lr_plan=plan.lr,
@@ -168,9 +86,17 @@ class FitLoop:
             self.val_loader = None
         trainer._fit_validates = self.val_loader is not None
         self.bar = ProgressBar(False)
+        self.throughput = Throughput(strategy, flops_per_sample=config.flops_per_sample,
+                                     peak_flops_per_device=config.peak_flops_per_device, precision=config.precision)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, ckpt_path: str | None) -> None:
+        try:
+            self._run(ckpt_path)
+        finally:
+            self.checkpointer.close()  # the checkpoint directory's lock (resume.py)
+
+    def _run(self, ckpt_path: str | None) -> None:
         config, state, trainer, hooks = self.config, self.state, self.trainer, self.hooks
         start_epoch, start_sample = 0, 0
         if ckpt_path is not None:
@@ -191,9 +117,10 @@ class FitLoop:
                 logger.log_hyperparams({**self.model.hparams, **{f"syncstep/{k}": v
                                                                  for k, v in self.hyperparams.items()}})
         self.bar = ProgressBar(trainer._bar_enabled())
+        self.throughput.start(state.global_step)
         state.should_stop = False
         try:
-            with self.guards.catching_sigterm():
+            with self.guards.catching_signals():
                 for opt in self.plan.optimizers:
                     opt.zero_grad(set_to_none=True)
                 hooks.call("on_fit_start")
@@ -201,7 +128,8 @@ class FitLoop:
                 hooks.call("on_train_start")
                 max_epochs = config.max_epochs if self.adascale is None else self.adascale.max_epochs(config.max_epochs)
                 for epoch in range(start_epoch, max_epochs if max_epochs is not None else sys.maxsize):
-                    if (state.should_stop and self.may_stop(epoch)) or self.steps_exhausted():
+                    self.guards.agree()  # a should_stop set on one rank (at the epoch's end, say) holds on all
+                    if (self.guards.should_stop() and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
                     completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
@@ -213,6 +141,9 @@ class FitLoop:
                 hooks.call("on_train_end")
                 hooks.call("on_fit_end")
             self.metrics.flush()
+            summary = self.throughput.summary(state.global_step)
+            if summary:
+                trainer.print(summary)
         finally:
             self.bar.close()
 
@@ -221,14 +152,16 @@ class FitLoop:
             return self.adascale.done
         return 0 <= self.config.max_steps <= self.state.global_step
 
-    def may_stop(self, epoch: int) -> bool:
-        """Whether a stop request (trainer.should_stop) may end the run before ``epoch``: not before
-        min_epochs and min_steps are done (Lightning's rule; it says so)."""
+    def may_stop(self, epoch: int, quiet: bool = False) -> bool:
+        """Whether a stop request (trainer.should_stop) may end the run in or before ``epoch`` (``epoch``
+        epochs done): not before min_epochs and min_steps are done (Lightning's rule; it says so at an
+        epoch's end, ``quiet`` between steps)."""
         config, state = self.config, self.state
         if epoch >= (config.min_epochs or 0) and state.global_step >= (config.min_steps or 0):
             return True
-        self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
-                           f"{config.min_steps} is not reached yet; training goes on.")
+        if not quiet:
+                self.trainer.print(f"syncstep: a stop was requested, but min_epochs={config.min_epochs} / min_steps="
+                               f"{config.min_steps} is not reached yet; training goes on.")
         return False
 
     def val_every(self, steps: int) -> int:
@@ -257,7 +190,7 @@ class FitLoop:
 
     # -- one epoch: the step loop ----------------------------------------------------------------
     def train_epoch(self, epoch: int, start_sample: int) -> bool:
-        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, SIGTERM)."""
+        """Train one epoch from ``start_sample``; False if it stopped early (max_steps, a signal, should_stop)."""
         state, logs, bar, guards, hooks = self.state, self.metrics.store, self.bar, self.guards, self.hooks
         steps = self.train.steps_per_epoch(start_sample)
         val_every = self.val_every(steps)
@@ -274,7 +207,10 @@ class FitLoop:
         # Gradients are synced on every backward unless some micro-batches accumulate without a sync.
         sync_gradients = self.strategy.sync_gradients if self.train.layout.accumulate_grad_batches > 1 else None
         losses, step = guards.losses, self.stepper.for_epoch(epoch)  # losses: read at the next agreement
-        manual, noise = self.manual, self.noise
+        manual, timer = self.manual, self.throughput  # timer: throughput.py
+        # each rank's time before backward names a straggler; one process has none to name, and no clock calls
+        clock = time.perf_counter if self.strategy.num_processes > 1 else None
+        noise = self.noise
         if manual is not None:
             manual.epoch, step = epoch, None
         # The noise scale: each micro-batch's gradient (one process) and, before the step, the step's norms.
@@ -302,11 +238,15 @@ class FitLoop:
                     batches_in = batches
                 if manual is not None:
                     manual.weight = sum(weights)
+                if clock is not None:
+                    started = clock()
                 if autocast_ is None:
                     loss = forward(batches_in, counts, weights, batch_idx)
                 else:
                     with autocast_:
                         loss = forward(batches_in, counts, weights, batch_idx)
+                if clock is not None:  # this rank's own time, before backward waits for the others
+                    timer.busy += clock() - started
                 if manual is None:
                     if batch_hooks:
                         hooks.call("on_before_backward", loss)
@@ -331,6 +271,7 @@ class FitLoop:
             if batch_hooks:
                 hooks.call("on_train_batch_end", *batch_end)
             state.epoch_sample += step_samples
+            timer.samples += step_samples
             bar_steps += 1
             if bar_steps == bar_every:
                 bar_every, bar_steps = bar.advance(bar_steps), 0
@@ -342,8 +283,11 @@ class FitLoop:
                 logs.context.stage = "train"
             if ckpt_every and global_step % ckpt_every == 0:
                 self.checkpointer.save(guards, epoch_finished=False)
-            stop = ((guards.stop_signal and guards.stop_requested(global_step)) or 0 <= max_steps <= global_step
-                    or (adascale is not None and adascale.done))
+            if global_step >= guards.next_agreement:  # (never in one process; see guards.py)
+                guards.agree()
+            stop = guards.preempting or 0 <= max_steps <= global_step or \
+                (adascale is not None and adascale.done) or \
+                (state.should_stop and guards.should_stop() and self.may_stop(epoch, quiet=True))  # (Lightning's)
             if stop and step_in_epoch + 1 < steps:
                 completed = False
                 break
@@ -352,7 +296,8 @@ class FitLoop:
 
     # -- what runs when it is due ----------------------------------------------------------------
     def log_step(self, epoch: int) -> None:
-        self.guards.agree()
+        step = self.state.global_step
+        rank_times = self.guards.agree(self.throughput.payload(step))  # (in the all-reduce agree makes anyway)
         values = self.metrics.step_values(self.strategy)
         values.update(self.stepper.lr_values() if self.manual is None else self.manual.lr_values(self.plan.lr_names))
         if self.noise is not None:
@@ -361,8 +306,9 @@ class FitLoop:
                 self.adascale.refresh()
                 values["adascale/tau"] = self.adascale.tau
         self.metrics.update(values)
+        speed = self.throughput.values(rank_times, step)  # to the loggers only, not callback_metrics
         if self.trainer.is_global_zero:
-            self.metrics.send({"epoch": epoch, **values}, self.state.global_step)
+            self.metrics.send({"epoch": epoch, **values, **speed}, step)
             self.bar.show({k: v for k, v in values.items() if k in self.metrics.store.prog_bar})
 
     def validate(self, epoch: int) -> None:
@@ -374,7 +320,7 @@ class FitLoop:
     def end_epoch(self, epoch: int, completed: bool) -> None:
         """Epoch metrics, validation, on_train_epoch_end, epoch schedulers, checkpoint, the SIGTERM stop.
 
-        An epoch cut short (max_steps, SIGTERM) logs what it has and is checkpointed mid-epoch, but its
+        An epoch cut short (max_steps, a signal, should_stop) logs what it has and is checkpointed mid-epoch, but its
         epoch-interval schedulers and on_train_epoch_end wait for the epoch to really end, so that a
         resumed run steps them exactly once, as an uninterrupted run does. As in Lightning, validation
         comes before on_train_epoch_end, and ModelCheckpoint / EarlyStopping run last, after the epoch
@@ -387,7 +333,7 @@ class FitLoop:
         metrics.update(epoch_values)
         if trainer.is_global_zero and epoch_values:
             metrics.send({"epoch": epoch, **epoch_values}, self.state.global_step)
-        preempted = guards.stop_signal
+        preempted = guards.preempting
         due = config.check_val_every_n_epoch and (epoch + 1) % config.check_val_every_n_epoch == 0
         if self.val_loader is not None and not preempted and ((completed and due) or self.steps_exhausted()):
             self.validate(epoch)
@@ -396,13 +342,19 @@ class FitLoop:
         if completed:
             self.hooks.on_train_epoch_end(between=lambda: self._epoch_end_values(epoch))
         due = config.ckpt_every_n_epochs and (epoch + 1) % config.ckpt_every_n_epochs == 0
-        if config.enable_checkpointing and (preempted or (completed and due) or self.steps_exhausted()):
+        # (an epoch cut short by should_stop is the end of the run: checkpointed, like max_steps)
+        if config.enable_checkpointing and (preempted or not completed or due or self.steps_exhausted()):
             self.checkpointer.save(guards, epoch_finished=completed)
         metrics.flush()
         if preempted:
             self.state.preempted = True
-            trainer.print(f"syncstep: SIGTERM received; checkpoint saved at step {self.state.global_step} in "
-                          f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            received = guards.signal_received or "a stop signal"
+            if config.enable_checkpointing:
+                trainer.print(f"syncstep: {received} received; checkpoint saved at step {self.state.global_step} in "
+                              f"{config.checkpoint_dir}; exiting. Resume with trainer.fit(..., ckpt_path='last').")
+            else:
+                trainer.print(f"syncstep: {received} received at step {self.state.global_step}; exiting WITHOUT a "
+                              "checkpoint (enable_checkpointing=False).")
 
     def _epoch_end_values(self, epoch: int) -> None:
         """After the Module's on_train_epoch_end: what it logged, then the epoch schedulers."""

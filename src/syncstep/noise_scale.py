@@ -42,11 +42,11 @@ Z_95 = 1.96
 
 def measurable(strategy: Any, batch: Any) -> tuple[str | None, int, int, str]:
     """(source, W small batches per step, B_small, why not) for this strategy and batch plan."""
-    from syncstep.strategies.ddp import DDPStrategy
+    from syncstep.strategies.ddp import DDP  # (the running strategy; DDPStrategy is its options)
 
-    if isinstance(strategy, DDPStrategy) and batch.world_size > 1:
+    if isinstance(strategy, DDP) and batch.world_size > 1:
         return "ddp", batch.world_size, batch.per_device_batch_size * batch.accumulate_grad_batches, ""
-    if strategy.name in ("single", "dp") or (isinstance(strategy, DDPStrategy) and batch.world_size == 1):
+    if strategy.name in ("single", "dp") or (isinstance(strategy, DDP) and batch.world_size == 1):
         if batch.accumulate_grad_batches >= 2:
             return ("micro", batch.accumulate_grad_batches,
                     batch.per_device_batch_size * batch.world_size, "")
@@ -326,9 +326,7 @@ def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch
     meter = NoiseScale(source=source, w=w, small_batch=small_batch, batch=plan.batch, num_samples=num_samples,
                        params=params, device=strategy.root_device, all_reduce=strategy.all_reduce, scaler=scaler,
                        processes=strategy.num_processes, all_gather_object=strategy.all_gather_object)
-    if source == "ddp":
-        strategy.register_comm_hook([meter.comm_hook_wrapper])
-    return meter
+    return meter  # (under ddp the fit loop registers meter.comm_hook_wrapper with the strategy's hook)
 
 
 def finish(trainer: Any, meter: NoiseScale, global_step: int) -> None:

@@ -7,6 +7,12 @@ RNG state. The model's and optimizers' state come from the strategy (``gather_st
 its shards to rank 0), and rank 0 writes the one file while the other ranks wait at a barrier; or,
 with fsdp's ``state_dict_type="sharded"``, every rank writes its own shards into a checkpoint
 directory (``sharded_checkpoint.py``). Either format loads into any strategy at any world size.
+
+Faults: a fit that checkpoints holds a lock on the checkpoint directory (``ckpt.lock_directory``), so a
+second run into the same one stops at start-up with a message instead of overwriting its checkpoints.
+A write that failed on rank 0 (a full disk) is agreed by every rank, which all raise the same
+``CheckpointError``, with the previous checkpoints untouched. The checkpoint records the training set's
+length and the optimizers' classes, so that a resume on different data or another optimizer says so.
 """
 
 from __future__ import annotations
@@ -91,6 +97,20 @@ class Checkpointer:
         self.hyperparams, self.manual = hyperparams, manual
         self.directory = self.config.checkpoint_dir
         self.epoch_finished = False  # set by the loop once an epoch's end (schedulers included) is done
+        self.lock: int | None = None
+        if self.config.enable_checkpointing:
+            def lock() -> str | None:
+                self.lock, why = ckpt.lock_directory(self.directory)
+                return why
+
+            why = self.strategy.broadcast_object(lock)  # rank 0 writes the files; every rank learns its verdict
+            if why:
+                raise ckpt.CheckpointError(why)
+
+    def close(self) -> None:
+        """At the end of the fit: let another run use the directory."""
+        ckpt.unlock_directory(self.lock)
+        self.lock = None
 
     def save(self, guards: Any, epoch_finished: bool) -> None:
         """Write ``epoch=E-step=S.ckpt`` and point ``last.ckpt`` at it (every rank calls this)."""
@@ -101,25 +121,46 @@ class Checkpointer:
         path = os.path.join(self.directory, name)
         if self.strategy.global_rank == 0:
             ckpt.remove_stale_temporaries(self.directory)
-        self._write(self._run_state(epoch_finished), path)
-        if self.strategy.global_rank == 0:
-            ckpt.atomic_link(path, os.path.join(self.directory, ckpt.LAST))
-            for old in ckpt.step_checkpoints(self.directory)[self.config.keep_last:]:
-                ckpt.remove(old)
-        self.strategy.barrier()
+        failure = None
+        try:
+            self._write(self._run_state(epoch_finished), path)
+            if self.strategy.global_rank == 0:
+                ckpt.atomic_copy(path, os.path.join(self.directory, ckpt.LAST))
+                for old in ckpt.step_checkpoints(self.directory)[self.config.keep_last:]:
+                    ckpt.remove(old)
+        except ckpt.CheckpointError as error:  # the disk refused (atomic writes: nothing partial is left)
+            failure = str(error)
+        self._agree_on(failure)
+
+    def _agree_on(self, failure: str | None) -> None:
+        """The barrier after a save, and the save's outcome: on every rank, raise the failure any rank met."""
+        import torch
+
+        if self.strategy.num_processes > 1:
+            failed = self.strategy.all_reduce(torch.tensor([int(failure is not None)]), "max").item()
+            if failed:
+                failures = self.strategy.all_gather_object(failure)
+                rank = next(r for r, f in enumerate(failures) if f is not None)
+                failure = f"on rank {rank}: {failures[rank]}"
+        if failure is not None:
+            raise ckpt.CheckpointError(failure)
 
     def save_to(self, path: str, weights_only: bool = False) -> None:
         """``trainer.save_checkpoint(path)``: the run's state (or only the weights) at ``path``; every rank
         calls it (ModelCheckpoint does so on every rank)."""
         path = os.path.abspath(path)
-        if weights_only:
-            state = meta_state(self.model)
-            state["state_dict"], _ = self.strategy.gather_state(self.model, [])
-            if self.strategy.global_rank == 0:
-                ckpt.atomic_save(state, path)
-        else:
-            self._write(self._run_state(self.epoch_finished), path)
-        self.strategy.barrier()
+        failure = None
+        try:
+            if weights_only:
+                state = meta_state(self.model)
+                state["state_dict"], _ = self.strategy.gather_state(self.model, [])
+                if self.strategy.global_rank == 0:
+                    ckpt.atomic_save(state, path)
+            else:
+                self._write(self._run_state(self.epoch_finished), path)
+        except ckpt.CheckpointError as error:  # the disk refused: every rank learns it (as in save)
+            failure = str(error)
+        self._agree_on(failure)
 
     def _write(self, state: dict[str, Any], path: str) -> None:
         """The model's and optimizers' tensors added to ``state`` and written: one file from rank 0, or every
@@ -148,11 +189,16 @@ class Checkpointer:
             "world": {"strategy": self.strategy.name, "num_processes": self.strategy.num_processes,
                       "world_size": self.strategy.world_size, **self.hyperparams},
             "shuffle_seed": self.train_data.shuffle_seed,
+            "data": {"num_samples": self.train_data.num_samples},
+            "optimizer_classes": [type(opt).__name__ for opt in self.stepper.optimizers],
             "rng": rng,
             "callbacks": hooks.state_dicts(),
         }
         if self.manual is not None:
             checkpoint.update(self.manual.state_dict())
+        strategy_state = self.strategy.extra_state()  # (ddp: PowerSGD's error feedback)
+        if strategy_state is not None:
+            checkpoint["strategy"] = strategy_state
         if self.trainer.datamodule is not None:
             checkpoint["datamodule"] = self.trainer.datamodule.state_dict()
         hooks.on_save_checkpoint(checkpoint)
@@ -171,7 +217,17 @@ class Checkpointer:
                 f"{path} holds {len(state['optimizer_states'])} optimizer state(s), but configure_optimizers "
                 f"returned {len(optimizers)}."
             )
+        saved = state.get("optimizer_classes") or []
+        for i, (old, opt) in enumerate(zip(saved, optimizers)):
+            if old != type(opt).__name__:
+                raise ckpt.CheckpointError(
+                    f"{path} holds the state of a {old} optimizer, but configure_optimizers now returns a "
+                    f"{type(opt).__name__} (optimizer {i}); its state cannot go into another optimizer. Resume "
+                    f"with a {old}, or start a new fit from the weights only (model.load_state_dict("
+                    "torch.load(path, weights_only=True)['state_dict'])) without ckpt_path."
+                )
         load_weights(self.strategy, self.model, optimizers, path, state)
+        self.strategy.load_extra_state(state.get("strategy"), self.trainer.print)
         self.trainer.hooks.on_load_checkpoint(state)
         if self.manual is not None:
             self.manual.load_state_dict(state)
@@ -200,4 +256,23 @@ class Checkpointer:
                 f"(accumulation {world['accumulate_grad_batches']} -> {batch.accumulate_grad_batches}); "
                 f"LR factor {old} -> {new}."
             )
-        return loop["epoch"], loop["epoch_sample"]
+        return loop["epoch"], self._data_changed(state, loop)
+
+    def _data_changed(self, state: dict, loop: dict) -> int:
+        """Where to start in the resumed epoch: where the checkpoint was, unless the training set changed
+        size, when its order is another permutation and the rest of the epoch cannot be found in it: then
+        the epoch starts again from its beginning on the new data (and says so)."""
+        old, new = (state.get("data") or {}).get("num_samples"), self.train_data.num_samples
+        if old is None or old == new or not self.train_data.distributed_sampler:
+            return loop["epoch_sample"]
+        if loop["epoch_sample"] == 0:
+            self.trainer.print(f"syncstep: the training set has {new} samples, the checkpoint's run had {old}; "
+                               f"epoch {loop['epoch']} starts on the new data.")
+            return 0
+        self.trainer.print(
+            f"syncstep: the training set has {new} samples, the checkpoint's run had {old}, and it stopped "
+            f"{loop['epoch_sample']} samples into epoch {loop['epoch']}: which samples remain cannot be known "
+            f"in the new data, so epoch {loop['epoch']} starts again from its beginning (global step "
+            f"{loop['global_step']} stays). Resume from a checkpoint saved at an epoch's end to avoid this."
+        )
+        return 0

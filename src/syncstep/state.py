@@ -12,7 +12,7 @@ class RunState:
     current_epoch: int = 0
     global_step: int = 0  # optimizer steps taken
     epoch_sample: int = 0  # samples of the current epoch already trained on, over all replicas
-    should_stop: bool = False  # set by the user (trainer.should_stop = True): stop at the epoch's end
+    should_stop: bool = False  # set by the user (trainer.should_stop = True): stop after this step (guards.py)
     stage: str | None = None  # "fit", "validate", "test", or None between calls
     preempted: bool = False  # fit ended early on SIGTERM, after saving a checkpoint
 

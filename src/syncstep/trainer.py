@@ -3,15 +3,14 @@ strategy, and ``fit`` / ``validate`` / ``test`` / ``lr_schedule`` run the loop o
 
 A ``fit()`` in one paragraph (docs/architecture.md has the whole flow): the strategy starts the worker
 processes if it needs them (``launch``: in the parent this never returns), joins the process group and
-wraps the model (``_running``); ``loop.FitLoop`` derives the plan (optimizers, data layout, batch and
+wraps the model (``stages.running``); ``loop.FitLoop`` derives the plan (optimizers, data layout, batch and
 LR arithmetic), resumes if asked, prints the plan and trains; ``fit()`` returns, or raises
-``Preempted`` if a SIGTERM stopped it after a checkpoint.
+``Preempted`` if a SIGTERM or SIGHUP stopped it (after a checkpoint).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import operator
 from datetime import timedelta
 from typing import Any
 
@@ -19,34 +18,42 @@ import torch
 
 from syncstep.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from syncstep.config import TrainerConfig, unknown_arguments
-from syncstep.data import inspect_loader
-from syncstep.evaluation import evaluate
+from syncstep.fit_plan import FitPlan, plan_fit, plan_summary
 from syncstep.guards import NonFiniteLossError, Preempted
 from syncstep.hooks import Hooks
-from syncstep.launch import detect_environment, report_failure
-from syncstep.loggers import agree_on_versions, make_loggers
-from syncstep.loop import FitLoop, FitPlan, plan_fit, plan_summary
+from syncstep.launch import detect_environment
+from syncstep.loggers import make_loggers
+from syncstep.loop import FitLoop
 from syncstep.metrics import Metrics
 from syncstep.module import Module
 from syncstep.optim import simulate_lrs
 from syncstep.predict import predict
-from syncstep.resume import find_checkpoint, load_weights, restart_checkpoint
+from syncstep.resume import restart_checkpoint
 from syncstep.rng import seed_everything, set_determinism
 from syncstep.stages import (
+    check_loaders,
+    check_module,
     checkpoint_path,
-    merge_callbacks,
+    evaluate_stage,
+    load_stage_weights,
     resolve_loaders,
+    running,
     split_datamodule,
     stage_model,
     warn_uncalled_hooks,
 )
 from syncstep.state import RunState
 from syncstep.step import ManualOptimization, lr_values
-from syncstep.strategies.common import StepRunner
+from syncstep.strategies.ddp import DDPStrategy
 from syncstep.strategies.fsdp import FSDPStrategy
 from syncstep.strategies.select import select_strategy
 
 __all__ = ["NonFiniteLossError", "Preempted", "Trainer"]
+
+
+def _read(path: str, doc: str | None = None) -> property:
+    """A read-only property that returns ``self.<path>`` (e.g. "config.max_epochs")."""
+    return property(operator.attrgetter(path), doc=doc)
 
 
 class Trainer:
@@ -66,8 +73,8 @@ class Trainer:
         max_steps: int = -1,
         accelerator: str = "auto",
         devices: int | str | list[int] = "auto",
-        strategy: str | FSDPStrategy = "auto",
-        num_nodes: int = 1,
+        strategy: str | FSDPStrategy | DDPStrategy = "auto",
+        num_nodes: int | str = 1,
         precision: str | int = "32",
         accumulate_grad_batches: int | None = None,
         global_batch_size: int | None = None,
@@ -110,6 +117,9 @@ class Trainer:
         inference_mode: bool = True,
         sync_batchnorm: bool = False,
         detect_anomaly: bool = False,
+        compile: bool | dict = False,
+        flops_per_sample: float | None = None,
+        peak_flops_per_device: float | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -143,23 +153,24 @@ class Trainer:
         self._fit_validates = False
         self._versions_agreed = False
 
-    # -- where this process stands ----------------------------------------------------------------
+    # -- where this process stands (read-only views of the environment, config and run state) -----
+    global_rank = _read("_env.global_rank")
+    local_rank = _read("_env.local_rank")
+    node_rank = _read("_env.node_rank")
+    max_epochs = _read("config.max_epochs")
+    max_steps = _read("config.max_steps")
+    precision = _read("config.precision")
+    default_root_dir = _read("config.default_root_dir")
+    checkpoint_dir = _read("config.checkpoint_dir")
+    log_every_n_steps = _read("config.log_every_n_steps")
+    current_epoch = _read("state.current_epoch")
+    global_step = _read("state.global_step")
+    stage = _read("state.stage", 'What the trainer is running: "fit", "validate", "test", "predict", or None.')
+
     @property
     def world_size(self) -> int:
         """Number of processes (Lightning's meaning: 1 for dp)."""
         return self.strategy.num_processes
-
-    @property
-    def global_rank(self) -> int:
-        return self._env.global_rank
-
-    @property
-    def local_rank(self) -> int:
-        return self._env.local_rank
-
-    @property
-    def node_rank(self) -> int:
-        return self._env.node_rank
 
     @property
     def is_global_zero(self) -> bool:
@@ -171,35 +182,7 @@ class Trainer:
 
     @property
     def num_nodes(self) -> int:
-        return self.config.num_nodes
-
-    @property
-    def max_epochs(self) -> int | None:
-        return self.config.max_epochs
-
-    @property
-    def max_steps(self) -> int:
-        return self.config.max_steps
-
-    @property
-    def precision(self) -> str:
-        return self.config.precision
-
-    @property
-    def default_root_dir(self) -> str:
-        return self.config.default_root_dir
-
-    @property
-    def checkpoint_dir(self) -> str:
-        return self.config.checkpoint_dir
-
-    @property
-    def current_epoch(self) -> int:
-        return self.state.current_epoch
-
-    @property
-    def global_step(self) -> int:
-        return self.state.global_step
+        return self.strategy.world_size // self.strategy.num_devices  # (num_nodes="auto" resolved)
 
     @property
     def should_stop(self) -> bool:
@@ -208,15 +191,6 @@ class Trainer:
     @should_stop.setter
     def should_stop(self, value: bool) -> None:
         self.state.should_stop = value
-
-    @property
-    def stage(self) -> str | None:
-        """What the trainer is running: "fit", "validate", "test", or None between calls."""
-        return self.state.stage
-
-    @property
-    def log_every_n_steps(self) -> int:
-        return self.config.log_every_n_steps
 
     @property
     def logger(self) -> Any:
@@ -288,12 +262,12 @@ class Trainer:
         """Train ``model``. ``ckpt_path`` resumes: a path, "last" for the newest good checkpoint, or "best".
 
         Raises :class:`syncstep.Preempted` (a ``SystemExit`` with code 143) on every rank when a
-        SIGTERM stopped the run after writing a checkpoint.
+        SIGTERM or SIGHUP stopped the run (after writing a checkpoint, unless checkpointing is off).
         """
-        self._check_module(model)
+        model = check_module(model)
         train_dataloaders, datamodule = split_datamodule(train_dataloaders, datamodule)
-        self._check_loaders(train_dataloaders, "train_dataloaders")
-        self._check_loaders(val_dataloaders, "val_dataloaders")
+        check_loaders(self.config, train_dataloaders, "train_dataloaders")
+        check_loaders(self.config, val_dataloaders, "val_dataloaders")
         if datamodule is None and train_dataloaders is None and type(model).train_dataloader is Module.train_dataloader:
             raise ValueError("fit() needs training data: pass train_dataloaders= or datamodule=, or define "
                              "train_dataloader().")
@@ -301,42 +275,43 @@ class Trainer:
         self.strategy.launch()
         ckpt_path = restart_checkpoint(checkpoint_path(self, ckpt_path), self.config.enable_checkpointing, self.print)
         self.state.preempted = False
-        with self._running(model, "fit", datamodule):
+        with running(self, model, "fit", datamodule):
             train = resolve_loaders("fit", train_dataloaders, datamodule, model)
             if train is None:
                 raise ValueError("fit() needs training data: pass train_dataloaders= or datamodule=, or define "
                                  "train_dataloader().")
             val = val_dataloaders if val_dataloaders is not None else resolve_loaders("validate", None, datamodule,
                                                                                        model)
-            self._check_loaders(train, "train_dataloaders")
-            self._check_loaders(val, "val_dataloaders")
+            check_loaders(self.config, train, "train_dataloaders")
+            check_loaders(self.config, val, "val_dataloaders")
             with torch.autograd.set_detect_anomaly(self.config.detect_anomaly):
                 FitLoop(self, model, train, val).run(ckpt_path)
         if self.state.preempted:
-            raise Preempted(f"SIGTERM: training stopped at step {self.global_step} after saving a checkpoint in "
-                            f"{self.checkpoint_dir}; resume with trainer.fit(..., ckpt_path='last').")
+            saved = (f"after saving a checkpoint in {self.checkpoint_dir}; resume with trainer.fit(..., "
+                     "ckpt_path='last')") if self.config.enable_checkpointing else "without a checkpoint"
+            raise Preempted(f"stop signal (SIGTERM or SIGHUP): training stopped at step {self.global_step} {saved}.")
 
     def validate(self, model: Module | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
                  verbose: bool = True, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate with ``validation_step``; one dict of epoch metrics per dataloader. Without a model,
         the model of the last fit."""
-        return self._evaluate_entry(model, dataloaders, ckpt_path, "validate", datamodule)
+        return evaluate_stage(self, model, dataloaders, ckpt_path, "validate", datamodule)
 
     def test(self, model: Module | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
              verbose: bool = True, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate with ``test_step``; one dict of epoch metrics per dataloader."""
-        return self._evaluate_entry(model, dataloaders, ckpt_path, "test", datamodule)
+        return evaluate_stage(self, model, dataloaders, ckpt_path, "test", datamodule)
 
     def predict(self, model: Module | None = None, dataloaders: Any = None, datamodule: Any = None,
                 return_predictions: bool | None = None, ckpt_path: str | None = None) -> Any:
         """``predict_step`` over every sample once (exact sharding, no padding), the predictions gathered in
         dataset order on every rank: a list of batches (a list of such lists for several loaders)."""
-        model = stage_model(self, model, "predict")
+        model = check_module(stage_model(self, model, "predict"))
         dataloaders, datamodule = split_datamodule(dataloaders, datamodule)
-        self._check_loaders(dataloaders, "dataloaders")
+        check_loaders(self.config, dataloaders, "dataloaders")
         self.strategy.launch()
-        with self._running(model, "predict", datamodule):
-            self._load_weights(model, ckpt_path, "predict")
+        with running(self, model, "predict", datamodule):
+            load_stage_weights(self, model, ckpt_path, "predict")
             loaders = resolve_loaders("predict", dataloaders, datamodule, model)
             if loaders is None:
                 raise ValueError("predict() needs data: pass dataloaders= or datamodule=, or define "
@@ -364,9 +339,9 @@ class Trainer:
         Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
         the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
         """
-        self._check_module(model)
+        model = check_module(model)
         loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
-        self._check_loaders(loader, "train_dataloaders")
+        check_loaders(self.config, loader, "train_dataloaders")
         plan = self._set_plan(plan_fit(self.config, self.strategy, model, loader, lambda make: make()))
         return simulate_lrs(plan.optimizers, plan.scheduler_configs, plan.lr, plan.lr_names, plan.steps_per_epoch,
                             plan.total_steps, list(model.parameters()))
@@ -383,36 +358,6 @@ class Trainer:
         self.optimizers, self.lr_scheduler_configs = plan.optimizers, plan.scheduler_configs
         self.batch_plan, self.lr_plan, self.estimated_stepping_batches = plan.batch, plan.lr, plan.total_steps
         return plan
-
-    def _evaluate_entry(self, model: Module | None, loaders: Any, ckpt_path: str | None, stage: str,
-                        datamodule: Any) -> list[dict]:
-        model = stage_model(self, model, stage)
-        self._check_module(model)
-        loaders, datamodule = split_datamodule(loaders, datamodule)
-        self._check_loaders(loaders, "dataloaders")
-        self.strategy.launch()
-        with self._running(model, stage, datamodule):
-            self._load_weights(model, ckpt_path, stage)
-            loaders = resolve_loaders(stage, loaders, datamodule, model)
-            if loaders is None:
-                raise ValueError(f"{stage}() needs data: pass dataloaders= or datamodule=, or define "
-                                 f"{'val' if stage == 'validate' else 'test'}_dataloader().")
-            self._check_loaders(loaders, "dataloaders")
-            results = []
-            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-                values = evaluate(self, loader, stage)
-                if self.is_global_zero and values:  # (to the loggers too, as Lightning's)
-                    self.metrics.send({"epoch": self.current_epoch, **values}, self.global_step)
-                results.append(values)
-            return results
-
-    def _load_weights(self, model: Module, ckpt_path: str | None, stage: str) -> None:
-        if ckpt_path is None:
-            return
-        path, state = find_checkpoint(self.checkpoint_dir, checkpoint_path(self, ckpt_path), self.print)
-        if state is not None:
-            load_weights(self.strategy, model, [], path, state)
-            self.print(f"syncstep: {stage} with the weights of {path}")
 
     def _log_values(self, values: dict[str, float]) -> None:
         """Values a callback logs directly (LearningRateMonitor): callback_metrics and the loggers."""
@@ -433,49 +378,3 @@ class Trainer:
     def _bar_enabled(self) -> bool:
         bars = [c for c in self.hooks.callbacks or self.callbacks if isinstance(c, TQDMProgressBar)]
         return self.config.enable_progress_bar and self.is_global_zero and not (bars and bars[0].refresh_rate == 0)
-
-    @staticmethod
-    def _check_module(model: Any) -> None:
-        if not isinstance(model, Module):
-            raise TypeError(
-                f"Trainer needs a syncstep.Module, got {type(model).__name__}. Subclass syncstep.Module and "
-                "define training_step and configure_optimizers."
-            )
-
-    def _check_loaders(self, loaders: Any, what: str) -> None:
-        if loaders is None or not self.config.use_distributed_sampler:
-            return
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            inspect_loader(loader, what)
-
-    @contextlib.contextmanager
-    def _running(self, model: Module, stage: str, datamodule: Any = None) -> Iterator[None]:
-        """One stage: the strategy's environment, the hooks' set-up and tear-down, the wrapped model."""
-        strategy = self.strategy
-        strategy.setup_environment()
-        if not self._versions_agreed:
-            agree_on_versions(self.loggers, strategy.broadcast_object)
-            self._versions_agreed = True
-        self.metrics.loggers = self.loggers if self.is_global_zero else []
-        model._trainer = self
-        self.lightning_module, self.datamodule = model, datamodule
-        self.hooks = Hooks(self, model, merge_callbacks(self.callbacks, model), datamodule)
-        self.state.stage = stage
-        try:
-            self.hooks.setup(stage)
-            model.configure_model()  # before the strategy moves and wraps (fsdp: shards) the model
-            if stage == "fit" and self.config.sync_batchnorm and strategy.num_processes > 1:
-                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            strategy.setup(StepRunner(model, self._logs.context))
-            yield
-        except BaseException as error:
-            if isinstance(error, Exception):
-                self.hooks.on_exception(error)
-            report_failure(error, rank=self.global_rank, world_size=self.world_size,
-                           where=f"{stage} at epoch {self.current_epoch}, step {self.global_step}")
-            raise
-        finally:
-            self.metrics.finalize()
-            strategy.teardown()
-            self.hooks.teardown(stage)
-            self.state.stage = None

@@ -28,7 +28,7 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-real_save, real_replace, real_link = torch.save, os.replace, checkpoint.atomic_link
+real_save, real_replace, real_link = torch.save, os.replace, checkpoint.atomic_copy
 
 
 def save(obj, f, *args, **kwargs):
@@ -59,7 +59,7 @@ def link(source, path):
             f.write(sha256(path))
 
 
-torch.save, os.replace, checkpoint.atomic_link = save, replace, link
+torch.save, os.replace, checkpoint.atomic_copy = save, replace, link
 trainer = syncstep.Trainer(accelerator="cpu", max_epochs=1, ckpt_every_n_steps=2, ckpt_every_n_epochs=None,
                            keep_last=5, default_root_dir=root, logger=False, enable_progress_bar=False)
 trainer.fit(Tiny(), loader(dataset(40), 4))

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from syncstep.strategies.common import StepRunner
-from syncstep.strategies.ddp import DDPStrategy
+from syncstep.strategies.ddp import DDP, DDPStrategy
 from syncstep.strategies.dp import DataParallelStrategy
 from syncstep.strategies.fsdp import FSDP, FSDPStrategy
 from syncstep.strategies.single import SingleDeviceStrategy
@@ -88,6 +88,13 @@ class Strategy(Protocol):
     def load_state(self, model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
         """The inverse of ``gather_state``, on every rank (each has read the whole state)."""
 
+    def extra_state(self) -> dict | None:
+        """State the strategy itself carries from step to step (ddp: PowerSGD's error feedback), for
+        checkpoints; None if it has none. Every rank calls it."""
+
+    def load_extra_state(self, saved: dict | None, print_fn: Callable[..., None]) -> None:
+        """The inverse of ``extra_state``, on every rank."""
+
     def summary_lines(self, optimizers: list) -> list[str]:
         """What the start-up summary adds for this strategy (fsdp: the sharding and memory per device)."""
 
@@ -95,10 +102,10 @@ class Strategy(Protocol):
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "single": SingleDeviceStrategy,
     "dp": DataParallelStrategy,
-    "ddp": DDPStrategy,
-    "ddp_find_unused_parameters_true": functools.partial(DDPStrategy, find_unused_parameters=True),
+    "ddp": DDP,  # options: a DDPStrategy (select.py passes the user's, or the defaults)
+    "ddp_find_unused_parameters_true": functools.partial(DDP, options=DDPStrategy(find_unused_parameters=True)),
     "fsdp": FSDP,  # options: an FSDPStrategy (select.py passes the user's, or the defaults)
 }
 
-__all__ = ["FSDP", "STRATEGIES", "Strategy", "DDPStrategy", "DataParallelStrategy", "FSDPStrategy",
+__all__ = ["DDP", "FSDP", "STRATEGIES", "Strategy", "DDPStrategy", "DataParallelStrategy", "FSDPStrategy",
            "SingleDeviceStrategy"]

@@ -145,6 +145,15 @@ class OneProcess:
     def summary_lines(self, optimizers: list) -> list[str]:
         return []
 
+    def extra_state(self) -> dict | None:
+        return None
+
+    def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
+        pass
+
+    def register_comm_hook(self, wrappers: list) -> None:
+        """DDP's gradient communication hook (strategies/ddp.py); nothing to register here."""
+
     def all_gather(self, data: Any) -> Any:
         return data  # one process: Lightning returns the data as it is, with no world dimension
 
@@ -246,6 +255,9 @@ class ProcessPerDevice:
         if dist.is_initialized():
             dist.barrier()
 
+    def register_comm_hook(self, wrappers: list) -> None:
+        """DDP's gradient communication hook (strategies/ddp.py); nothing to register here."""
+
     def all_gather(self, data: Any) -> Any:
         """Every rank's tensors stacked along a new first dimension (on the collective device and back)."""
         if not dist.is_initialized():
@@ -261,3 +273,9 @@ class ProcessPerDevice:
 
     def prepare_for_manual_backward(self, loss: torch.Tensor) -> None:
         pass  # (DDP's reducer needs it; fsdp's hooks do not)
+
+    def extra_state(self) -> dict | None:
+        return None  # (ddp: its communication hook's state)
+
+    def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
+        pass

@@ -5,10 +5,18 @@ The strategy starts the processes when nothing else did (``launch``), joins the 
 fsdp in ``common.ProcessPerDevice``). It wraps the model in
 ``torch.nn.parallel.DistributedDataParallel`` and runs the training step through it, so that DDP's
 hooks all-reduce the gradients during backward.
+
+``Trainer(strategy=DDPStrategy(...))`` (Lightning's spelling) sets DDP's own options: a communication
+hook (``ddp_comm_hook``: fp16 / bf16 compression or PowerSGD, see ``comm_hooks.py``), ``bucket_cap_mb``,
+``gradient_as_bucket_view``, ``static_graph`` and ``find_unused_parameters``; ``strategy="ddp"`` is
+``DDPStrategy()``. Other parts of syncstep that must see the all-reduce append a wrapper to
+``DDP.comm_hook_wrappers`` before ``setup``; the hook and its wrappers are registered once, through
+``comm_hooks.register``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -21,15 +29,53 @@ from syncstep.strategies import comm_hooks
 from syncstep.strategies.common import ProcessPerDevice, StepRunner, extract_loss, load_plain_state, plain_state
 
 
-class DDPStrategy(ProcessPerDevice):
+@dataclasses.dataclass(frozen=True)
+class DDPStrategy:
+    """``Trainer(strategy=DDPStrategy(...))``: DDP's options (Lightning's names); ``"ddp"`` is ``DDPStrategy()``."""
+
+    ddp_comm_hook: str | None = None
+    """None (the plain all-reduce), "fp16", "bf16" (the bucket all-reduced in half precision: half the
+    bytes) or "powersgd" (low-rank compression with error feedback): torch's ddp_comm_hooks."""
+    ddp_comm_options: dict | None = None
+    """PowerSGD's options (PowerSGDState's keyword arguments), e.g. {"matrix_approximation_rank": 2,
+    "start_powerSGD_iter": 100}; syncstep's default start_powerSGD_iter is 10 (torch's: 1000)."""
+    bucket_cap_mb: float | None = None
+    """Gradient bucket size in MiB (None: DDP's default, 25): larger buckets, fewer all-reduces; smaller,
+    more overlap with backward."""
+    gradient_as_bucket_view: bool = False
+    """Gradients are views into the all-reduce buckets: one copy less per step, less memory."""
+    static_graph: bool = False
+    """The same parameters get gradients on every step: DDP can skip work it otherwise redoes each step."""
+    find_unused_parameters: bool = False
+    """Some parameters get no gradient on some steps (DDP then searches the graph every step)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ddp_comm_options", comm_hooks.check_options(self.ddp_comm_hook,
+                                                                              self.ddp_comm_options))
+        cap = self.bucket_cap_mb
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+            raise ValueError(f"bucket_cap_mb must be a number > 0 (MiB), or None for DDP's 25; got {cap!r}.")
+        for name in ("gradient_as_bucket_view", "static_graph", "find_unused_parameters"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+
+class DDP(ProcessPerDevice):
+    """The running ddp strategy, built by strategies/select.py from a :class:`DDPStrategy`."""
+
     name = "ddp"
 
-    def __init__(self, *, find_unused_parameters: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, options: DDPStrategy | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.find_unused_parameters = find_unused_parameters
-        self.name = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
+        self.options = options = options if options is not None else DDPStrategy()
+        self.find_unused_parameters = options.find_unused_parameters
+        self.name = "ddp_find_unused_parameters_true" if self.find_unused_parameters else "ddp"
         self.runner: StepRunner | None = None
         self.ddp: DistributedDataParallel | None = None
+        # (state, hook) -> (state, hook) functions that wrap the communication hook, applied in order;
+        # appended to before setup by whatever must see the all-reduce (comm_hooks.register)
+        self.comm_hook_wrappers: list[comm_hooks.Wrapper] = []
+        self.comm_state: Any = None  # the inner hook's state (PowerSGD's), for checkpoints
 
     def setup(self, runner: StepRunner) -> None:
         device = self.root_device
@@ -41,13 +87,21 @@ class DDPStrategy(ProcessPerDevice):
             runner,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
+            gradient_as_bucket_view=self.options.gradient_as_bucket_view,
+            static_graph=self.options.static_graph,
+            **({} if self.options.bucket_cap_mb is None else {"bucket_cap_mb": self.options.bucket_cap_mb}),
         )
+        # process_group None: torch's hooks then use the default group, and the strategy, which outlives the
+        # fit, holds no reference to it (one would keep gloo's threads alive until interpreter shutdown)
+        self.comm_state, self._comm_hook = comm_hooks.build_comm_hook(
+            self.options.ddp_comm_hook, self.options.ddp_comm_options, None)
 
     def register_comm_hook(self, wrappers: list) -> None:
-        """The model's one communication hook: the all-reduce wrapped by ``wrappers`` (strategies/comm_hooks.py),
-        registered once, before the first backward. Without wrappers DDP keeps its built-in all-reduce."""
-        state, hook = comm_hooks.build_comm_hook(None, None, None)
-        comm_hooks.register(self.ddp, state, hook, wrappers)
+        """The model's one communication hook, registered once per fit before the first backward (the fit
+        loop calls this): the configured hook (``ddp_comm_hook``, or the plain all-reduce) inside
+        ``comm_hook_wrappers`` and then ``wrappers`` (the noise scale's), through ``comm_hooks.register``.
+        With no compression and no wrapper, DDP keeps its built-in all-reduce."""
+        comm_hooks.register(self.ddp, self.comm_state, self._comm_hook, [*self.comm_hook_wrappers, *wrappers])
 
     def sync_gradients(self, enabled: bool) -> None:
         # Same effect as ddp.no_sync() on the micro-batches before the last one, without a context
@@ -88,8 +142,33 @@ class DDPStrategy(ProcessPerDevice):
     def load_state(self, model: torch.nn.Module, optimizers: list, model_state: dict, optimizer_states: list) -> None:
         load_plain_state(model, optimizers, model_state, optimizer_states)
 
+    def extra_state(self) -> dict | None:
+        """The communication hook's state (PowerSGD's error feedback, one per rank), for checkpoints;
+        every rank calls it."""
+        local = comm_hooks.state_dict(self.comm_state)
+        if local is None:
+            return None
+        return {"comm_hook": self.all_gather_object(local)}
+
+    def load_extra_state(self, saved: dict | None, print_fn: Any = print) -> None:
+        """The inverse of ``extra_state`` at the same device count; at another, each rank starts its
+        error feedback at zero (it is each rank's own residual) and keeps rank 0's iteration and P, Q."""
+        ranks = (saved or {}).get("comm_hook")
+        if not ranks or comm_hooks.state_dict(self.comm_state) is None:
+            return
+        if len(ranks) == self.num_processes:
+            comm_hooks.load_state_dict(self.comm_state, ranks[self.global_rank], self.collective_device)
+            return
+        comm_hooks.load_state_dict(self.comm_state, ranks[0], self.collective_device, error_feedback=False)
+        print_fn(f"syncstep: PowerSGD's error feedback was saved by {len(ranks)} processes and this run has "
+                 f"{self.num_processes}; it restarts at zero (each rank's is its own), the rest carries over.")
+
     def summary_lines(self, optimizers: list) -> list[str]:
-        return []
+        o = self.options
+        if o.ddp_comm_hook is None:
+            return []
+        options = ", ".join(f"{k}={v}" for k, v in sorted(o.ddp_comm_options.items()))
+        return [f"ddp communication hook: {o.ddp_comm_hook}" + (f" ({options})" if options else "")]
 
     def teardown(self) -> None:
         self.ddp = None

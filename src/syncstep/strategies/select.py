@@ -96,7 +96,8 @@ def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str
         if env.num_nodes != nodes:
             raise ValueError(
                 f"num_nodes={nodes}, but {env.source} started {env.num_nodes} node(s) "
-                f"({env.world_size} processes, {env.local_world_size} per node). Pass num_nodes={env.num_nodes}."
+                f"({env.world_size} processes, {env.local_world_size} per node). Pass num_nodes={env.num_nodes}, or "
+                f"num_nodes='auto' to take whatever the launcher starts (elastic torchrun: --nnodes=MIN:MAX)."
             )
         if env.local_world_size != n:
             raise ValueError(
@@ -116,16 +117,20 @@ def resolve_strategy(strategy: str, n: int, nodes: int, env: Environment) -> str
 def select_strategy(config: Any, env: Environment) -> Any:
     """The strategy object for ``config`` in this process's ``env`` (nothing is started yet).
 
-    ``config.strategy`` is a name, or the user's ``FSDPStrategy(...)``: its options go to the running
-    fsdp strategy built here with the devices.
+    ``config.strategy`` is a name, or the user's ``FSDPStrategy(...)`` / ``DDPStrategy(...)``: its options
+    go to the running fsdp / ddp strategy built here with the devices.
     """
-    from syncstep.strategies import STRATEGIES, FSDPStrategy
+    from syncstep.strategies import STRATEGIES, DDPStrategy, FSDPStrategy
 
     accelerator, device_ids, num_devices = resolve_devices(config.accelerator, config.devices, env)
     requested, options = config.strategy, {}
     if isinstance(requested, FSDPStrategy):
         requested, options = "fsdp", {"options": requested}
-    name = resolve_strategy(requested, num_devices, config.num_nodes, env)
+    elif isinstance(requested, DDPStrategy):
+        requested, options = "ddp", {"options": requested}
+    # "auto": the nodes the launcher started (elastic torchrun: this attempt's; one without a launcher)
+    nodes = (env.num_nodes if env.source != "local" else 1) if config.num_nodes == "auto" else config.num_nodes
+    name = resolve_strategy(requested, num_devices, nodes, env)
     return STRATEGIES[name](accelerator=accelerator, device_ids=device_ids, num_devices=num_devices,
-                            num_nodes=config.num_nodes, env=env, timeout=config.timeout,
+                            num_nodes=nodes, env=env, timeout=config.timeout,
                             precision=config.precision, **options)
