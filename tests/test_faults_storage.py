@@ -49,6 +49,15 @@ def tmpfs(path, options: str):
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def fill_disk(root) -> None:
+    """Write zeros into ``root`` until its file system is full (ENOSPC)."""
+    fd = os.open(os.path.join(root, "filler"), os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+
+
 class FillDisk(syncstep.Callback):
     """After the first checkpoint (step 2), fill the disk: for real, or by making torch.save fail half-way."""
 
@@ -59,11 +68,7 @@ class FillDisk(syncstep.Callback):
         if trainer.global_step != 3:
             return
         if self.real:
-            fd = os.open(os.path.join(self.root, "filler"), os.O_WRONLY | os.O_CREAT)
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * 4096)
-            os.close(fd)
+            fill_disk(self.root)
             return
         real_save = torch.save
 
@@ -259,11 +264,7 @@ class FillDiskForLogs(syncstep.Callback):
         if trainer.global_step != 3:
             return
         if self.real:
-            fd = os.open(os.path.join(self.root, "filler"), os.O_WRONLY | os.O_CREAT)
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * 4096)
-            os.close(fd)
+            fill_disk(self.root)
             return
 
         def save():
