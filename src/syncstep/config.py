@@ -14,6 +14,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
+from syncstep.batch_ramp import check_argument as check_batch_ramp
 from syncstep.compile import check_option as check_compile_option
 from syncstep.plan import LR_SCALING_RULES, check_warmup_arguments
 from syncstep.precision import PRECISIONS
@@ -77,6 +78,11 @@ class TrainerConfig:
     """The batch the LR in configure_optimizers was tuned for (default: the per-device batch)."""
     noise_scale: bool = False
     """Measure the gradient noise scale B_simple (noise_scale.py): ddp on 2+ devices, or accumulation >= 2."""
+    batch_ramp: str | dict | None = None
+    """Grow the global batch at epoch starts (batch_ramp.py): "noise" (double the accumulation while the
+    global batch < batch_ramp_factor x B_simple; measures the noise scale) or {epoch: global batch}."""
+    batch_ramp_factor: float = 1.0
+    """batch_ramp="noise": the c in "grow while the global batch < c x B_simple"."""
     warmup_epochs: float | None = None
     """Warmup length in epochs (0.5 = half an epoch)."""
     warmup_steps: float | None = None
@@ -195,6 +201,7 @@ class TrainerConfig:
             raise ValueError(f"noise_scale must be True or False, got {self.noise_scale!r}.")
         if self.lr_scaling not in LR_SCALING_RULES:
             raise ValueError(f"lr_scaling={self.lr_scaling!r} is not one of {LR_SCALING_RULES}.")
+        set_(self, "batch_ramp", check_batch_ramp(self.batch_ramp, self.batch_ramp_factor))
         check_warmup_arguments(warmup_steps=self.warmup_steps, warmup_epochs=self.warmup_epochs,
                                interval=self.warmup_interval, kind=self.warmup_type,
                                start_factor=self.warmup_start_factor)

@@ -201,6 +201,12 @@ class TrainData:
         self.layout = StepLayout(samples, batch.per_device_batch_size, batch.world_size,
                                  batch.accumulate_grad_batches, drop_last)
 
+    def set_accumulation(self, batch: BatchPlan, limit: int | float | None, max_steps: int) -> None:
+        """A batch ramp's new accumulation: the next epochs are cut into steps of ``batch``."""
+        self.set_layout(batch, limit, max_steps)
+        if self.sampler is not None:
+            self.sampler.layout = self.layout
+
     def set_replicas(self, replicas: list[int], gradient_averaging: int) -> None:
         self.replicas, self.gradient_averaging = replicas, gradient_averaging
         if self.distributed_sampler:

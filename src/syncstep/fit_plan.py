@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from syncstep import noise_scale
+from syncstep import batch_ramp, noise_scale
 from syncstep.adascale import reference_steps
 from syncstep.data import TrainData
 from syncstep.module import Module
@@ -85,7 +85,8 @@ def plan_summary(config: Any, strategy: Any, plan: FitPlan) -> str:
                    requested_rule=config.lr_scaling, max_epochs=config.max_epochs,
                    adascale_target=reference_steps(config, plan) if config.lr_scaling == "adascale" else None,
                    extra=[*strategy.summary_lines(plan.optimizers),
-                          *filter(None, [noise_scale.summary_line(config, strategy, plan.batch)])])
+                          *filter(None, [noise_scale.summary_line(config, strategy, plan.batch),
+                                         batch_ramp.summary_line(config, plan)])])
 
 
 def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]:
@@ -98,4 +99,5 @@ def hyperparameters(config: Any, strategy: Any, plan: FitPlan) -> dict[str, Any]
         "reference_batch_size": b.reference_batch_size, "lr_scaling": config.lr_scaling,
         "lr_factors": [o.factor for o in lr.optimizers], "precision": config.precision,
         "warmup_steps": lr.warmup.length, "warmup_interval": lr.warmup.interval,
+        "batch_ramp": None if config.batch_ramp is None else str(config.batch_ramp),
     }

@@ -20,6 +20,7 @@ is in ``FitLoop.__init__``; the end of an epoch is ``end_epoch``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -27,12 +28,14 @@ from typing import Any
 from syncstep import checkpoint as ckpt
 from syncstep import noise_scale
 from syncstep.adascale import build as build_adascale
+from syncstep.batch_ramp import build as build_ramp
 from syncstep.evaluation import evaluate
 from syncstep.fit_plan import hyperparameters, plan_fit, plan_summary
 from syncstep.guards import Guards
 from syncstep.model_summary import model_summary
 from syncstep.module import Module
 from syncstep.optim import unique_parameters
+from syncstep.plan import plan_lr
 from syncstep.precision import autocast, grad_scaler
 from syncstep.progress import ProgressBar
 from syncstep.resume import Checkpointer
@@ -62,6 +65,8 @@ class FitLoop:
             gradient_clip_algorithm=config.gradient_clip_algorithm, guards=self.guards, state=state,
             metric_values=self.metrics.values, hooks=self.hooks, adascale=self.adascale)
         self.stepper.noise = self.noise
+        self.ramp = self.stepper.ramp = build_ramp(config, strategy, plan, self.noise, model, state,
+                                                   apply=self.set_accumulation, print_fn=trainer.print)
         self.manual = None
         if not model.automatic_optimization:
             if config.gradient_clip_val is not None or config.on_nonfinite_loss == "skip":
@@ -132,6 +137,8 @@ class FitLoop:
                     if (self.guards.should_stop() and self.may_stop(epoch)) or self.steps_exhausted():
                         break
                     state.current_epoch = epoch
+                    if self.ramp is not None:  # (may change the accumulation: the epoch is cut below)
+                        self.ramp.start_epoch(epoch)
                     completed = self.train_epoch(epoch, start_sample if epoch == start_epoch else 0)
                     self.end_epoch(epoch, completed)
                     if state.preempted:
@@ -219,7 +226,7 @@ class FitLoop:
         batch_hooks = hooks.per_batch or manual is not None  # (manual: training_step's outputs for the hooks)
         log_every, ckpt_every, max_steps = self.config.log_every_n_steps, self.config.ckpt_every_n_steps, \
             self.config.max_steps
-        adascale = self.adascale
+        adascale, ramp = self.adascale, self.ramp
         if adascale is not None:
             max_steps = -1  # the run ends when adascale.done
         bar_every, bar_steps = (bar.every if bar.bar is not None else 0), 0  # the bar, told every bar_every steps
@@ -266,6 +273,8 @@ class FitLoop:
                 noise.end_step(step_samples == full_step)
             if adascale is not None:  # (tau counts a short last step by its share of the batch)
                 adascale.step_samples = step_samples
+            if ramp is not None:
+                ramp.step_samples = step_samples
             if step is not None:
                 step()
             if batch_hooks:
@@ -293,6 +302,22 @@ class FitLoop:
                 break
         bar.advance(bar_steps)
         return completed
+
+    def set_accumulation(self, accumulation: int, resumed: bool = False) -> str:
+        """The batch ramp's change (batch_ramp.py): the epoch's layout re-cut and the LR re-derived for the
+        new global batch, the meter told (``resumed``: from a checkpoint); returns the LR line to print."""
+        config, old = self.config, self.plan
+        batch = dataclasses.replace(old.batch, accumulate_grad_batches=accumulation)
+        self.train.set_accumulation(batch, config.limit_train_batches, config.max_steps)
+        lr = plan_lr(old.optimizers, config.lr_scaling, batch, old.lr.warmup)
+        self.plan = self.trainer._set_plan(dataclasses.replace(old, batch=batch, lr=lr,
+                                                               steps_per_epoch=self.train.steps_per_epoch(0)))
+        self.stepper.lr_plan = lr
+        if self.noise is not None:
+            _, w, small_batch, _ = noise_scale.measurable(self.strategy, batch)
+            self.noise.set_batch(batch, w, small_batch, None if resumed else self.state.global_step)
+        return "; ".join(f"lr {o.name}: {o.rule}, factor {before.factor:.6g} -> {o.factor:.6g}"
+                         for before, o in zip(old.lr.optimizers, lr.optimizers))
 
     # -- what runs when it is due ----------------------------------------------------------------
     def log_step(self, epoch: int) -> None:

@@ -163,6 +163,16 @@ class NoiseScale:
         self.blocks: list[list[float]] = []
         self.steps = 0
 
+    def set_batch(self, batch: Any, w: int, small_batch: int, global_step: int | None) -> None:
+        """A batch ramp changed the accumulation: the steps so far end a block (every rank calls this: it
+        all-reduces), and the next ones are measured at the new batch. ``global_step`` None: a resume,
+        whose restored sums are already those of the new batch."""
+        if global_step is not None:
+            self.log_values(global_step)
+        self.w, self.small_batch = w, small_batch
+        self.global_batch = batch.global_batch_size
+        self._previous = None
+
     # -- ddp: the communication hook wrapper (strategies/comm_hooks.register) ----------------------
     def comm_hook_wrapper(self, state: Any, hook: Any) -> tuple[Any, Any]:
         """``hook`` with the bucket's norm read before it (local gradient) and after its future resolves
@@ -308,15 +318,21 @@ def run_means(blocks: list[list[float]]) -> dict[str, Any]:
     return out
 
 
+def wanted(config: Any) -> bool:
+    """Whether the fit measures the noise scale: asked for, or needed by AdaScale or the noise ramp."""
+    return config.noise_scale or config.lr_scaling == "adascale" or config.batch_ramp == "noise"
+
+
 def build(config: Any, strategy: Any, plan: Any, scaler: Any, params: list[torch.Tensor],
           model: Any) -> NoiseScale | None:
     """The meter of a fit, or None when ``noise_scale`` is off or cannot be measured (see ``summary_line``)."""
-    if not (config.noise_scale or config.lr_scaling == "adascale"):
+    if not wanted(config):
         return None
     if not model.automatic_optimization:
-        raise ValueError("noise_scale=True and lr_scaling='adascale' need automatic optimization: with "
-                         "automatic_optimization = False your training_step steps the optimizers, and syncstep "
-                         "cannot see each step's gradients before it. Set noise_scale=False, and another lr_scaling.")
+        raise ValueError("noise_scale=True, lr_scaling='adascale' and batch_ramp='noise' need automatic "
+                         "optimization: with automatic_optimization = False your training_step steps the optimizers, "
+                         "and syncstep cannot see each step's gradients before it. Set noise_scale=False, and another "
+                         "lr_scaling / no batch_ramp.")
     source, w, small_batch, _ = measurable(strategy, plan.batch)
     if source is None:
         return None
@@ -339,15 +355,16 @@ def finish(trainer: Any, meter: NoiseScale, global_step: int) -> None:
 
 def summary_line(config: Any, strategy: Any, batch: Any) -> str | None:
     """The start-up summary's line on the noise scale (None when it is off)."""
-    if not (config.noise_scale or config.lr_scaling == "adascale"):
+    if not wanted(config):
         return None
-    if not config.noise_scale and batch.k == 1:
+    if not config.noise_scale and config.batch_ramp != "noise" and batch.k == 1:
         return None
     source, w, small_batch, why = measurable(strategy, batch)
     if source is None:
         return f"  noise scale: not measurable with {why}"
     what = "replicas' gradients (DDP hook)" if source == "ddp" else "micro-batches' gradients"
-    why = "" if config.noise_scale else " (on for lr_scaling='adascale')"
+    why = "" if config.noise_scale else " (on for batch_ramp='noise')" if config.batch_ramp == "noise" else \
+        " (on for lr_scaling='adascale')"
     return (f"  noise scale{why}: from {w} {what} of {small_batch} samples each per step, "
             f"averaged over blocks of log_every_n_steps={config.log_every_n_steps} steps")
 

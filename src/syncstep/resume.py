@@ -237,7 +237,6 @@ class Checkpointer:
             config.scheduler.load_state_dict(sched_state)
         if self.stepper.scaler is not None and state.get("grad_scaler"):
             self.stepper.scaler.load_state_dict(state["grad_scaler"])
-        self.stepper.load_noise_state(state, self.strategy.global_rank)
         loop, world = state["loop"], state["world"]
         self.state.load_state_dict(loop)
         self.train_data.shuffle_seed = state["shuffle_seed"]
@@ -256,6 +255,7 @@ class Checkpointer:
                 f"(accumulation {world['accumulate_grad_batches']} -> {batch.accumulate_grad_batches}); "
                 f"LR factor {old} -> {new}."
             )
+        self.stepper.load_extra_state(state, self.strategy.global_rank)  # (after: a batch ramp re-plans)
         return loop["epoch"], self._data_changed(state, loop)
 
     def _data_changed(self, state: dict, loop: dict) -> int:

@@ -5,7 +5,9 @@
     optimizer.step() with each LR x the plan's multiplier   (scale x warmup [x AdaScale's gain]; the
                                                             user's LRs put back)
     update the gradient scaler, zero the gradients
-    global_step += 1, then the step-interval schedulers     (adascale: once per unit of tau, adascale.py)
+    global_step += 1, then the step-interval schedulers     (adascale: once per unit of tau, adascale.py;
+                                                            batch_ramp: once per step of the starting
+                                                            global batch, batch_ramp.py)
 
 When for a whole epoch a step is nothing but ``step()`` and ``zero_grad()`` (one optimizer, LR
 multiplier 1, no clipping, scaler, skipping or step-interval scheduler), the loop gets a function that
@@ -40,14 +42,25 @@ class OptimizerStep:
         self.ramping = True  # whether the multipliers may still change (warmup)
         self.adascale = adascale  # lr_scaling="adascale": the measured gain, and progress tau (adascale.py)
         self.noise: Any = None  # the noise-scale meter, whose state checkpoints keep (noise_scale.py)
+        self.ramp: Any = None  # batch_ramp: warmup and step schedulers on its clock (batch_ramp.py)
+
+    def lr_clock(self) -> int:
+        """The step the warmup is at: optimizer steps, or with a batch ramp, steps of the starting batch."""
+        return self.state.global_step if self.ramp is None else self.ramp.clock
+
+    def multipliers_now(self, epoch: int) -> list[float]:
+        """The LR multipliers of the next step (the plan's, x AdaScale's gain if on)."""
+        multipliers = self.lr_plan.multipliers(self.lr_clock(), epoch)
+        return multipliers if self.adascale is None else self.adascale.apply(multipliers)
 
     def for_epoch(self, epoch: int) -> Callable[[], None]:
         """The function the loop calls once per optimizer step of ``epoch``."""
         state, plan = self.state, self.lr_plan
-        self.multipliers = plan.multipliers(state.global_step, epoch)
-        self.ramping = not plan.settled(state.global_step, epoch)
+        self.multipliers = plan.multipliers(self.lr_clock(), epoch)
+        self.ramping = not plan.settled(self.lr_clock(), epoch)
         plain = (not self.guarded and len(self.optimizers) == 1 and not self.ramping and self.multipliers == [1.0]
-                 and self.adascale is None and not any(config.interval == "step" for config in self.scheduler_configs))
+                 and self.adascale is None and self.ramp is None
+                 and not any(config.interval == "step" for config in self.scheduler_configs))
         if not plain:
             return functools.partial(self.step, epoch)
         step, zero_grad = self.optimizers[0].step, self.optimizers[0].zero_grad
@@ -68,6 +81,8 @@ class OptimizerStep:
                 if scaler is not None:
                     scaler.update()
                 state.global_step += 1
+                if self.ramp is not None:  # (the clock counts the samples; the schedulers wait, as without it)
+                    self.ramp.advance([], self.metric_values)
                 return
             if scaler is not None and (self.clip_val is not None or self.hooks is not None):
                 for opt in self.optimizers:  # clipping and Lightning's hooks see unscaled gradients
@@ -81,8 +96,9 @@ class OptimizerStep:
                 else:
                     torch.nn.utils.clip_grad_value_(self.params, self.clip_val)
         if self.ramping:  # after warmup the multipliers stay put: no need to ask the plan every step
-            self.multipliers = self.lr_plan.multipliers(state.global_step, epoch)
-            self.ramping = not self.lr_plan.settled(state.global_step, epoch)
+            clock = self.lr_clock()
+            self.multipliers = self.lr_plan.multipliers(clock, epoch)
+            self.ramping = not self.lr_plan.settled(clock, epoch)
         multipliers = self.multipliers if self.adascale is None else self.adascale.apply(self.multipliers)
         for opt, multiplier in zip(self.optimizers, multipliers):
             scaled_step(opt, multiplier, functools.partial(scaler.step, opt) if scaler is not None else opt.step)
@@ -95,6 +111,8 @@ class OptimizerStep:
         state.global_step += 1
         if self.adascale is not None:
             self.adascale.advance(self.scheduler_configs, self.metric_values)
+        elif self.ramp is not None:
+            self.ramp.advance(self.scheduler_configs, self.metric_values)
         elif self.scheduler_configs:
             step_schedulers(self.scheduler_configs, "step", state.global_step, self.metric_values)
 
@@ -117,14 +135,19 @@ class OptimizerStep:
             state["noise_scale"] = self.noise.state_dict()
         if self.adascale is not None:
             state["adascale"] = self.adascale.state_dict()
+        if self.ramp is not None:
+            state["batch_ramp"] = self.ramp.state_dict()
         return state
 
-    def load_noise_state(self, checkpoint: dict[str, Any], rank: int) -> None:
-        """The noise scale's sums and averages and AdaScale's tau and gain, when the checkpoint has them."""
+    def load_extra_state(self, checkpoint: dict[str, Any], rank: int) -> None:
+        """The noise scale's sums and averages, AdaScale's tau and gain and the batch ramp's batch and
+        clock, when the checkpoint has them."""
         if self.noise is not None and checkpoint.get("noise_scale"):
             self.noise.load_state_dict(checkpoint["noise_scale"], rank)
         if self.adascale is not None and checkpoint.get("adascale"):
             self.adascale.load_state_dict(checkpoint["adascale"])
+        if self.ramp is not None and checkpoint.get("batch_ramp"):
+            self.ramp.load_state_dict(checkpoint["batch_ramp"])
 
 
 def lr_values(names: list[str], optimizers: list, multipliers: list[float]) -> dict[str, float]:

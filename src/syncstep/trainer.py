@@ -81,6 +81,8 @@ class Trainer:
         lr_scaling: str = "auto",
         reference_batch_size: int | None = None,
         noise_scale: bool = False,
+        batch_ramp: str | dict | None = None,
+        batch_ramp_factor: float = 1.0,
         warmup_epochs: float | None = None,
         warmup_steps: float | None = None,
         warmup_interval: str = "step",
@@ -369,10 +371,10 @@ class Trainer:
         """The LR each optimizer applies at the current step, after scaling and warmup (``lr-<name>``)."""
         if self._manual is not None:
             return self._manual.lr_values(self._plan.lr_names)
-        multipliers = self.lr_plan.multipliers(self.global_step, self.current_epoch)
-        adascale = self._checkpointer.stepper.adascale if self._checkpointer is not None else None
-        if adascale is not None:  # (lr_scaling="adascale": x the gain now in force)
-            multipliers = adascale.apply(multipliers)
+        if self._checkpointer is not None:  # (in a fit: x AdaScale's gain, the batch ramp's clock)
+            multipliers = self._checkpointer.stepper.multipliers_now(self.current_epoch)
+        else:
+            multipliers = self.lr_plan.multipliers(self.global_step, self.current_epoch)
         return lr_values(self._plan.lr_names, self.optimizers, multipliers)
 
     def _bar_enabled(self) -> bool:

@@ -42,7 +42,7 @@ TRAINER_KEYS = (
     "reference_batch_size", "warmup_epochs", "warmup_steps", "warmup_interval", "warmup_type",
     "warmup_start_factor", "max_epochs", "max_steps", "seed", "gradient_clip_val", "precision",
     "enable_checkpointing", "ckpt_every_n_steps", "ckpt_every_n_epochs", "on_nonfinite_loss", "timeout",
-    "val_check_interval", "keep_last",
+    "val_check_interval", "keep_last", "noise_scale", "batch_ramp", "batch_ramp_factor", "log_every_n_steps",
 )
 
 
@@ -91,6 +91,9 @@ def main(spec_path: str) -> None:
         kwargs = {k: config[k] for k in TRAINER_KEYS if k in config}
         kwargs.setdefault("lr_scaling", "none")
         kwargs.setdefault("enable_checkpointing", False)
+        if isinstance(kwargs.get("batch_ramp"), dict):  # (JSON's keys are strings; the epochs are ints)
+            kwargs["batch_ramp"] = {int(epoch): size for epoch, size in kwargs["batch_ramp"].items()}
+        kwargs.setdefault("log_every_n_steps", 1)
         if "fsdp" in config:
             kwargs["strategy"] = fsdp_strategy(config["fsdp"])
         if "crash_in_sharded_save" in config:
@@ -98,7 +101,7 @@ def main(spec_path: str) -> None:
             os.makedirs(config["root"], exist_ok=True)
             crash_in_sharded_save(crash["rank"], crash["save"], os.path.join(config["root"], "killed.txt"))
         trainer = syncstep.Trainer(
-            accelerator="cpu", enable_progress_bar=False, logger=[recorder], log_every_n_steps=1,
+            accelerator="cpu", enable_progress_bar=False, logger=[recorder],
             default_root_dir=config.get("root", "."), **kwargs,
         )
         seed = int(os.environ.get("RANK", "0")) if config.get("seed_by_rank") else 0  # a careless init
