@@ -93,12 +93,14 @@ def test_a_schedule_ramp_trains_as_a_hand_written_loop_whose_batch_grows(capsys)
     assert trainer.batch_plan.global_batch_size == 32 and trainer.lr_plan.factors == [8.0]
 
 
-@pytest.mark.parametrize("b_simple, factor, expected", [
-    (46.0, 1.0, [8, 16, 32, 64]),  # B_simple = 46: doubles while the batch is below it, up to 64
-    (46.0, 0.5, [8, 16, 32, 32]),  # c = 0.5: grows while the batch < 23
-    (0.0, 1.0, [8, 8, 8, 8]),  # no noise: B_simple = 0, a bigger batch buys nothing
+@pytest.mark.parametrize("b_simple, factor, maximum, expected", [
+    (46.0, 1.0, None, [8, 16, 32, 64]),  # B_simple = 46: doubles while the batch is below it, up to 64
+    (46.0, 0.5, None, [8, 16, 32, 32]),  # c = 0.5: grows while the batch < 23
+    (46.0, 1.0, 16, [8, 16, 16, 16]),  # batch_ramp_max=16
+    (0.0, 1.0, None, [8, 8, 8, 8]),  # no noise: B_simple = 0, a bigger batch buys nothing
 ])
-def test_the_noise_ramp_grows_the_batch_while_it_is_below_the_known_noise_scale(b_simple, factor, expected):
+def test_the_noise_ramp_grows_the_batch_while_it_is_below_the_known_noise_scale(b_simple, factor, maximum,
+                                                                                 expected):
     # at w = 0: |G|^2 = 1 and tr(Sigma) = dim x noise^2 = B_simple, exactly; many dimensions make the
     # squared norms, and so the estimates, precise
     dim = 1000
@@ -110,7 +112,8 @@ def test_the_noise_ramp_grows_the_batch_while_it_is_below_the_known_noise_scale(
             sizes.append(trainer.batch_plan.global_batch_size)
 
     trainer = syncstep.Trainer(max_epochs=4, accumulate_grad_batches=2, batch_ramp="noise",
-                               batch_ramp_factor=factor, log_every_n_steps=4, seed=0, callbacks=[Sizes()], **QUIET)
+                               batch_ramp_factor=factor, batch_ramp_max=maximum, log_every_n_steps=4, seed=0,
+                               callbacks=[Sizes()], **QUIET)
     trainer.fit(Quadratic(dim, lr=0.0), DataLoader(data, batch_size=4, shuffle=True))
     assert sizes == expected
     if b_simple:
@@ -188,6 +191,8 @@ def test_bad_ramps_are_refused_with_the_reason():
         syncstep.Trainer(batch_ramp={"2": 16})
     with pytest.raises(ValueError, match="batch_ramp_factor must be a number > 0"):
         syncstep.Trainer(batch_ramp="noise", batch_ramp_factor=0)
+    with pytest.raises(ValueError, match="batch_ramp_max caps the noise ramp"):
+        syncstep.Trainer(batch_ramp={1: 8}, batch_ramp_max=64)
     with pytest.raises(ValueError, match=r"batch_ramp\[2\]=18 is not a multiple of per-device batch x world size = 4.*"
                                          r"nearest: 16 or 20"):
         syncstep.Trainer(max_epochs=1, batch_ramp={2: 18}, **QUIET).fit(Linear(), data)

@@ -7,7 +7,8 @@ averaged more samples for nearly the same per-sample progress). The ramp follows
     batch_ramp="noise"        at the start of every epoch after the first, the accumulation doubles if
                               the global batch G is below batch_ramp_factor x B_simple (the moving
                               average of noise_scale.py, measured during the epochs before); one
-                              doubling per epoch, never above the epoch's samples
+                              doubling per epoch, never above batch_ramp_max (default: the epoch's
+                              samples)
     batch_ramp={epoch: G}     the global batch from that epoch on (each a multiple of per-device batch
                               x world size; the keys are epochs, 0 the configured start)
 
@@ -39,10 +40,16 @@ from typing import Any
 from syncstep.optim import step_schedulers
 
 
-def check_argument(batch_ramp: Any, factor: Any) -> Any:
+def check_argument(batch_ramp: Any, factor: Any, maximum: Any = None) -> Any:
     """``batch_ramp`` checked on its own (TrainerConfig); a schedule comes back as a sorted tuple of pairs."""
-    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
         raise ValueError(f"batch_ramp_factor must be a number > 0 (the c in G < c x B_simple), got {factor!r}.")
+    if maximum is not None:
+        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+            raise ValueError(f"batch_ramp_max must be a global batch size (an int >= 1), got {maximum!r}.")
+        if batch_ramp != "noise":
+            raise ValueError("batch_ramp_max caps the noise ramp (batch_ramp='noise'); a schedule names its "
+                             "batches itself.")
     if batch_ramp is None or batch_ramp == "noise":
         return batch_ramp
     if not isinstance(batch_ramp, dict) or not batch_ramp:
@@ -59,14 +66,15 @@ def check_argument(batch_ramp: Any, factor: Any) -> Any:
 class BatchRamp:
     """The ramp of one fit: decides each epoch's global batch, and keeps the clock in starting-batch steps."""
 
-    def __init__(self, *, spec: Any, factor: float, batch: Any, num_samples: int, meter: Any, state: Any,
+    def __init__(self, *, spec: Any, factor: float, maximum: int | None, batch: Any, num_samples: int, meter: Any,
+                 state: Any,
                  apply: Callable[..., str], print_fn: Callable[[str], None]) -> None:
         self.spec, self.factor, self.meter, self.state = spec, factor, meter, state
         self.apply, self.print = apply, print_fn  # apply(accumulation): re-cut, re-derive; returns the LR line
         self.unit = batch.per_device_batch_size * batch.world_size  # one micro-batch over all replicas
         self.start_batch = batch.global_batch_size  # G0: the clock's unit
         self.global_batch = batch.global_batch_size
-        self.num_samples = num_samples  # in an epoch (the noise ramp's ceiling)
+        self.ceiling = min(num_samples, maximum or num_samples)  # the noise ramp's: the epoch, or batch_ramp_max
         self.clock = 0  # steps at the starting batch the run has made (warmup and step schedulers)
         self.decided = 0  # the last epoch whose batch is decided (epoch 0: the configured batch)
         self.changes: list[tuple[int, int]] = []  # (epoch, global batch) of every change
@@ -112,7 +120,7 @@ class BatchRamp:
             return self.global_batch, "no noise estimate yet"
         b_simple = trace / grad_sq if grad_sq > 0 else math.inf
         doubled = 2 * self.global_batch
-        if self.global_batch < self.factor * b_simple and doubled <= self.num_samples:
+        if self.global_batch < self.factor * b_simple and doubled <= self.ceiling:
             return doubled, f"B_simple {b_simple:.4g}: {self.global_batch} < {self.factor:g} x B_simple"
         return self.global_batch, "at the noise scale"
 
@@ -149,8 +157,9 @@ def summary_line(config: Any, plan: Any) -> str | None:
     if isinstance(spec, tuple):
         how = "global batch " + ", ".join(f"{size} from epoch {epoch}" for epoch, size in spec)
     else:
+        most = f", up to {config.batch_ramp_max}" if config.batch_ramp_max else ""
         how = (f"noise: at each epoch's start the accumulation doubles while the global batch < "
-               f"{config.batch_ramp_factor:g} x B_simple")
+               f"{config.batch_ramp_factor:g} x B_simple{most}")
     return (f"  batch ramp: {how}; LR re-derived at each change; warmup and step schedulers count steps of the "
             f"starting global batch {plan.batch.global_batch_size}")
 
@@ -176,6 +185,7 @@ def build(config: Any, strategy: Any, plan: Any, meter: Any, model: Any, state: 
         _, _, _, why = measurable(strategy, plan.batch)
         raise ValueError(f"batch_ramp='noise' grows the batch by the measured gradient noise scale, which is not "
                          f"measurable with {why}; or give the ramp as a schedule, batch_ramp={{epoch: global batch}}.")
-    return BatchRamp(spec=config.batch_ramp, factor=config.batch_ramp_factor, batch=plan.batch,
+    return BatchRamp(spec=config.batch_ramp, factor=config.batch_ramp_factor, maximum=config.batch_ramp_max,
+                     batch=plan.batch,
                      num_samples=plan.train.layout.num_samples, meter=meter, state=state, apply=apply,
                      print_fn=print_fn)

@@ -83,6 +83,8 @@ class TrainerConfig:
     global batch < batch_ramp_factor x B_simple; measures the noise scale) or {epoch: global batch}."""
     batch_ramp_factor: float = 1.0
     """batch_ramp="noise": the c in "grow while the global batch < c x B_simple"."""
+    batch_ramp_max: int | None = None
+    """batch_ramp="noise": the largest global batch it may reach (default: the epoch's samples)."""
     warmup_epochs: float | None = None
     """Warmup length in epochs (0.5 = half an epoch)."""
     warmup_steps: float | None = None
@@ -201,7 +203,7 @@ class TrainerConfig:
             raise ValueError(f"noise_scale must be True or False, got {self.noise_scale!r}.")
         if self.lr_scaling not in LR_SCALING_RULES:
             raise ValueError(f"lr_scaling={self.lr_scaling!r} is not one of {LR_SCALING_RULES}.")
-        set_(self, "batch_ramp", check_batch_ramp(self.batch_ramp, self.batch_ramp_factor))
+        set_(self, "batch_ramp", check_batch_ramp(self.batch_ramp, self.batch_ramp_factor, self.batch_ramp_max))
         check_warmup_arguments(warmup_steps=self.warmup_steps, warmup_epochs=self.warmup_epochs,
                                interval=self.warmup_interval, kind=self.warmup_type,
                                start_factor=self.warmup_start_factor)

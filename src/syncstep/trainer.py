@@ -83,6 +83,7 @@ class Trainer:
         noise_scale: bool = False,
         batch_ramp: str | dict | None = None,
         batch_ramp_factor: float = 1.0,
+        batch_ramp_max: int | None = None,
         warmup_epochs: float | None = None,
         warmup_steps: float | None = None,
         warmup_interval: str = "step",
