@@ -3,11 +3,13 @@
     python benchmarks/lr_scaling_study.py --publish         # the whole study, about 3 minutes on 2 CPU cores
     python benchmarks/lr_scaling_study.py --lr 0.2 --extra-lr   # skip the LR sweep and the second base LR
     python benchmarks/lr_scaling_study.py --lr 0.2 --rows adascale --seeds 3   # one row, fewer seeds
+    python benchmarks/lr_scaling_study.py --lr 0.2 --rows linear ramp --publish-rows ramp   # add a row to
+                                                                             # the published study
 
 One device simulates k devices by its global batch: the DataLoader's batch is 32 x k and
 ``reference_batch_size=32``, so syncstep's factor is k, as on k devices with batch 32 each. At one seed
 every k sees the same samples in the same order (syncstep shuffles by seed + epoch) from the same
-initial weights. Four rows, the same number of epochs for the first three:
+initial weights. Five rows, the same number of epochs for all but adascale:
 
     none            Trainer(lr_scaling="none")                       the LR tuned at batch 32, unchanged
     linear          Trainer(lr_scaling="linear")                     LR x k from the first step
@@ -17,10 +19,15 @@ initial weights. Four rows, the same number of epochs for the first three:
                                                                      end of training follow tau = sum r, so the
                                                                      run takes as many epochs as it needs to make
                                                                      the k = 1 run's progress (at most k x 30)
+    ramp            Trainer(lr_scaling="linear",                     starts at global batch 32 (2 x 16) and doubles
+                            batch_ramp="noise",                      the accumulation at an epoch's start while the
+                            batch_ramp_max=32 x k)                   batch < B_simple, up to 32 x k; LR x batch / 32
 
 The adascale row feeds batches of 32 and accumulates k of them (the micro-batches are the small batches
 its noise scale is measured from); the global batch and the order of the samples are those of the other
-rows.
+rows. The ramp row feeds batches of 16 (two per step at the start, for the same reason); its global
+batch grows from 32 towards 32 x k, so it answers another question: how close to k = 1's accuracy, and
+in how many steps, a run gets that starts at k = 1's batch and grows it only as the noise scale allows.
 
 Model and optimizer: syncstep's own digits example (``syncstep.examples.digits.Classifier``: MLP
 64-128-10, SGD momentum 0.9, cosine decay per epoch over the run), so that the study measures what the
@@ -59,8 +66,9 @@ from syncstep.examples.digits import Classifier, digits_loaders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_BATCH = 32
-ROWS = ("none", "linear", "linear+warmup", "adascale")
-COLORS = {"none": "tab:gray", "linear": "tab:red", "linear+warmup": "tab:blue", "adascale": "tab:green"}
+ROWS = ("none", "linear", "linear+warmup", "adascale", "ramp")
+COLORS = {"none": "tab:gray", "linear": "tab:red", "linear+warmup": "tab:blue", "adascale": "tab:green",
+          "ramp": "tab:purple"}
 
 
 class StudyClassifier(Classifier):
@@ -115,8 +123,9 @@ def train_once(*, k: int, row: str, lr: float, epochs: int, seed: int, warmup_ep
         max_epochs=epochs, accelerator="cpu", devices=1, strategy="single",
         reference_batch_size=REFERENCE_BATCH,
         lr_scaling={"none": "none", "adascale": "adascale"}.get(row, "linear"),
-        accumulate_grad_batches=k if row == "adascale" else None,
+        accumulate_grad_batches=k if row == "adascale" else 2 if row == "ramp" else None,
         warmup_epochs=warmup_epochs if row == "linear+warmup" else None,
+        batch_ramp="noise" if row == "ramp" else None, batch_ramp_max=REFERENCE_BATCH * k if row == "ramp" else None,
         seed=seed, log_every_n_steps=1,
         enable_progress_bar=False, enable_checkpointing=False, logger=[recorder],
     )
@@ -133,6 +142,8 @@ def train_once(*, k: int, row: str, lr: float, epochs: int, seed: int, warmup_ep
     steps_per_epoch = math.ceil(len(train.dataset) / global_batch)  # as the start-up summary says
     losses = [recorder.train_loss[s] for s in sorted(recorder.train_loss)]
     window = spike_epochs * steps_per_epoch
+    if row == "ramp":  # (its first epochs are at batch 32, whatever the batch at the end)
+        window = recorder.val[min(spike_epochs, len(recorder.val)) - 1]["step"] if recorder.val else len(losses)
     last = max(recorder.val) if recorder.val else None  # (adascale: the epoch where tau reached its target)
     result = {
         "k": k, "row": row, "base_lr": lr, "seed": seed, "global_batch_size": global_batch,
@@ -150,6 +161,8 @@ def train_once(*, k: int, row: str, lr: float, epochs: int, seed: int, warmup_ep
         result.update(final_gain=trainer._checkpointer.stepper.adascale.gain, b_simple=noise["b_simple"],
                       b_simple_history=[[b[0], round(b[3] / b[2], 2) if b[2] > 0 else None]
                                         for b in noise["history"][::max(1, len(noise["history"]) // 40)]])
+    if row == "ramp":
+        result["ramp_changes"] = [list(c) for c in trainer._checkpointer.stepper.ramp.changes]
     if diverged:  # NaN / inf loss: syncstep stops the run (on_nonfinite_loss="error")
         result.update(initial_loss=losses[0] if losses else None, peak_ratio=math.inf, peak_rise=math.inf)
     else:
@@ -223,8 +236,15 @@ def summarize(runs: list[dict], rows: tuple[str, ...] = ROWS) -> list[dict]:
                 "never_reached_97pct": sum(s is None for s in reached),
                 "optimizer_steps": _stats([r["optimizer_steps"] for r in finished]),
                 "final_gain": _stats([r["final_gain"] for r in finished if "final_gain" in r]),
+                "final_global_batch": _stats([r["global_batch_size"] for r in finished]),
+                "first_ramp_epoch": _stats([r["ramp_changes"][0][0] for r in finished if r.get("ramp_changes")]),
             })
     return cells
+
+
+def _epoch(cell: dict) -> str:
+    first = cell["first_ramp_epoch"]
+    return f"{first['median']:.0f}" if first["n"] else "none"
 
 
 def markdown_table(cells: list[dict], base_lr: float, warmup_epochs: float) -> str:
@@ -263,9 +283,13 @@ def markdown_table(cells: list[dict], base_lr: float, warmup_epochs: float) -> s
             text = f"{reached['median']:.0f}" if reached["n"] else "—"
             parts.append(text + (f" ({c['never_reached_97pct']} never)" if c["never_reached_97pct"] else ""))
         lines.append(f"| steps to 97% of k=1 acc, {row} | " + " | ".join(parts) + " |")
-    if "adascale" in rows:
-        lines.append("| optimizer steps in all, adascale | " + " | ".join(
-            f"{by['adascale', k]['optimizer_steps']['median']:.0f}" for k in ks) + " |")
+    for row in ("adascale", "ramp"):
+        if row in rows:
+            lines.append(f"| optimizer steps in all, {row} | " + " | ".join(
+                f"{by[row, k]['optimizer_steps']['median']:.0f}" for k in ks) + " |")
+    if "ramp" in rows:
+        lines.append("| ramp: global batch at the end (median; epoch of the first doubling) | " + " | ".join(
+            f"{by['ramp', k]['final_global_batch']['median']:.0f} ({_epoch(by['ramp', k])})" for k in ks) + " |")
     return "\n".join(lines)
 
 
@@ -345,10 +369,11 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
 def run_study(base_lr: float, args: argparse.Namespace) -> dict:
     runs = []
     micro, _ = digits_loaders(REFERENCE_BATCH)  # adascale: k micro-batches of 32 per step
+    halves, _ = digits_loaders(REFERENCE_BATCH // 2)  # ramp: 2 micro-batches of 16 per step, then more
     for k in args.ks:
         train, val = digits_loaders(REFERENCE_BATCH * k)
         for row in args.rows:
-            data = micro if row == "adascale" else train
+            data = micro if row == "adascale" else halves if row == "ramp" else train
             cell = [train_once(k=k, row=row, lr=base_lr, epochs=args.epochs, seed=s, warmup_epochs=args.warmup_epochs,
                                train=data, val=val, spike_epochs=args.spike_epochs) for s in range(args.seeds)]
             runs += cell

@@ -213,3 +213,21 @@ def test_bad_ramps_are_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="automatic optimization"):
         syncstep.Trainer(max_epochs=1, batch_ramp={1: 8}, **QUIET).fit(Manual(), data)
+
+
+def test_a_ramp_added_on_resume_keeps_the_warmup_where_it_was_and_lr_schedule_says_what_it_shows(tmp_path, capsys):
+    data = regression_data(100)
+    common = dict(accumulate_grad_batches=2, reference_batch_size=4, seed=0, warmup_epochs=1, lr_scaling="linear",
+                  enable_progress_bar=False, logger=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    syncstep.Trainer(max_epochs=2, **common).fit(Linear(), DataLoader(data, batch_size=4, shuffle=True))
+    model = Linear()
+    trainer = syncstep.Trainer(max_epochs=4, batch_ramp={2: 16}, **common)  # (from the end of epoch 1)
+    trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True), ckpt_path="last")
+    expected, applied = hand_written(data, {0: 8, 1: 8, 2: 16, 3: 16}, 4, 0.01, reference=4, warmup=13)
+    assert_params_close(model.state_dict(), expected)
+    torch.testing.assert_close(model.applied, applied[26:], rtol=1e-12, atol=0)  # (the steps after the resume)
+    capsys.readouterr()
+    lrs = syncstep.Trainer(max_epochs=4, batch_ramp={3: 16}, **common).lr_schedule(
+        Linear(), DataLoader(data, batch_size=4))
+    assert "lr_schedule() shows the run at the starting global batch 8" in capsys.readouterr().out
+    assert len(lrs["lr-SGD"]) == 4 * 13

@@ -148,6 +148,10 @@ class OptimizerStep:
             self.adascale.load_state_dict(checkpoint["adascale"])
         if self.ramp is not None and checkpoint.get("batch_ramp"):
             self.ramp.load_state_dict(checkpoint["batch_ramp"])
+        elif self.ramp is not None:  # a run without a ramp so far: its steps were all at the starting batch
+            state = self.state  # (an epoch begun keeps its batch; one not begun is the ramp's to decide)
+            self.ramp.clock = state.global_step
+            self.ramp.decided = state.current_epoch if state.epoch_sample else state.current_epoch - 1
 
 
 def lr_values(names: list[str], optimizers: list, multipliers: list[float]) -> dict[str, float]:

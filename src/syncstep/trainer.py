@@ -341,11 +341,17 @@ class Trainer:
 
         Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
         the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
+        With a ``batch_ramp`` it is the run at the starting global batch (and says so): the ramp's changes
+        come at run time.
         """
         model = check_module(model)
         loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
         check_loaders(self.config, loader, "train_dataloaders")
         plan = self._set_plan(plan_fit(self.config, self.strategy, model, loader, lambda make: make()))
+        if self.config.batch_ramp is not None:
+            self.print("syncstep: lr_schedule() shows the run at the starting global batch "
+                       f"{plan.batch.global_batch_size}; batch_ramp's changes (and the LR re-derived at each) "
+                       "are decided during fit() and printed then.")
         return simulate_lrs(plan.optimizers, plan.scheduler_configs, plan.lr, plan.lr_names, plan.steps_per_epoch,
                             plan.total_steps, list(model.parameters()))
 
