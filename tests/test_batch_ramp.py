@@ -215,7 +215,7 @@ def test_bad_ramps_are_refused_with_the_reason():
         syncstep.Trainer(max_epochs=1, batch_ramp={1: 8}, **QUIET).fit(Manual(), data)
 
 
-def test_a_ramp_added_on_resume_keeps_the_warmup_where_it_was_and_lr_schedule_says_what_it_shows(tmp_path, capsys):
+def test_a_ramp_added_on_resume_keeps_the_warmup_where_it_was(tmp_path):
     data = regression_data(100)
     common = dict(accumulate_grad_batches=2, reference_batch_size=4, seed=0, warmup_epochs=1, lr_scaling="linear",
                   enable_progress_bar=False, logger=False, enable_model_summary=False, default_root_dir=str(tmp_path))
@@ -226,8 +226,17 @@ def test_a_ramp_added_on_resume_keeps_the_warmup_where_it_was_and_lr_schedule_sa
     expected, applied = hand_written(data, {0: 8, 1: 8, 2: 16, 3: 16}, 4, 0.01, reference=4, warmup=13)
     assert_params_close(model.state_dict(), expected)
     torch.testing.assert_close(model.applied, applied[26:], rtol=1e-12, atol=0)  # (the steps after the resume)
+
+
+def test_lr_schedule_follows_a_schedule_ramp_and_says_what_it_cannot_know(capsys):
+    data = regression_data(100)
+    common = dict(accumulate_grad_batches=2, reference_batch_size=4, warmup_epochs=1, lr_scaling="linear", **QUIET)
+    lrs = syncstep.Trainer(max_epochs=6, batch_ramp={2: 16, 4: 32}, **common).lr_schedule(
+        Linear(), DataLoader(data, batch_size=4))["lr-SGD"]
+    _, applied = hand_written(data, {0: 8, 1: 8, 2: 16, 3: 16, 4: 32, 5: 32}, 6, 0.01, reference=4, warmup=13)
+    torch.testing.assert_close(lrs, applied, rtol=1e-12, atol=0)
     capsys.readouterr()
-    lrs = syncstep.Trainer(max_epochs=4, batch_ramp={3: 16}, **common).lr_schedule(
-        Linear(), DataLoader(data, batch_size=4))
+    noise = syncstep.Trainer(max_epochs=2, batch_ramp="noise", **common).lr_schedule(
+        Linear(), DataLoader(data, batch_size=4))["lr-SGD"]
     assert "lr_schedule() shows the run at the starting global batch 8" in capsys.readouterr().out
-    assert len(lrs["lr-SGD"]) == 4 * 13
+    assert len(noise) == 2 * 13

@@ -33,11 +33,15 @@ optimization or use_distributed_sampler=False (the ramp re-cuts the epoch's layo
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from syncstep.optim import step_schedulers
+from syncstep.plan import plan_lr
 
 
 def check_argument(batch_ramp: Any, factor: Any, maximum: Any = None) -> Any:
@@ -147,6 +151,37 @@ class BatchRamp:
             old, self.global_batch = self.global_batch, state["global_batch"]
             lrs = self.apply(self.global_batch // self.unit, resumed=True)
             self.print(f"syncstep: batch ramp resumed at global batch {self.global_batch} (started at {old}); {lrs}")
+
+
+def scheduled_steps(config: Any, plan: Any) -> Iterator[tuple[int, list, int, bool]]:
+    """``Trainer.lr_schedule`` with a schedule ramp: (epoch, LR multipliers, step schedulers' count after it,
+    last step of its epoch) of every step, each epoch cut at its batch, by the ramp's own decisions."""
+    current = [plan.batch]
+
+    def apply(accumulation: int, resumed: bool = False) -> str:
+        current[0] = dataclasses.replace(plan.batch, accumulate_grad_batches=accumulation)
+        return ""
+
+    state = SimpleNamespace(epoch_sample=0)
+    ramp = BatchRamp(spec=config.batch_ramp, factor=1.0, maximum=None, batch=plan.batch,
+                     num_samples=plan.train.layout.num_samples, meter=None, state=state, apply=apply,
+                     print_fn=lambda line: None)
+    step = 0
+    for epoch in range(config.max_epochs) if config.max_epochs is not None else itertools.count():
+        ramp.start_epoch(epoch)
+        batch = current[0]
+        lr = plan_lr(plan.optimizers, config.lr_scaling, batch, plan.lr.warmup)
+        layout = dataclasses.replace(plan.train.layout, accumulate_grad_batches=batch.accumulate_grad_batches)
+        steps, state.epoch_sample = layout.num_steps(0), 0
+        for i in range(steps):
+            if 0 <= config.max_steps <= step:
+                return
+            multipliers = lr.multipliers(ramp.clock, epoch)
+            ramp.step_samples = min(layout.global_batch_size, layout.num_samples - state.epoch_sample)
+            ramp.advance([], {})
+            state.epoch_sample += ramp.step_samples
+            step += 1
+            yield epoch, multipliers, ramp.clock, i == steps - 1
 
 
 def summary_line(config: Any, plan: Any) -> str | None:

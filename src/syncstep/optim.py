@@ -8,7 +8,7 @@ unscaled LRs, so its state (and a checkpoint of it) is exactly what it would be 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,9 +151,18 @@ def unique_parameters(optimizers: list[Optimizer]) -> list[torch.Tensor]:
     return params
 
 
-def simulate_lrs(optimizers: list[Optimizer], configs: list[SchedulerConfig], lr_plan: Any, names: list[str],
-                 steps_per_epoch: int, total_steps: int, params: list[torch.Tensor]) -> dict[str, list[float]]:
-    """The effective LR (first param group) at every step, from copies of the optimizers and schedulers.
+def planned_steps(lr_plan: Any, steps_per_epoch: int, total_steps: int) -> Iterator[tuple[int, list, int, bool]]:
+    """(epoch, LR multipliers, step schedulers' count after it, last step of its epoch) of every step."""
+    per_epoch = max(steps_per_epoch, 1)
+    for step in range(total_steps):
+        epoch = step // per_epoch
+        yield epoch, lr_plan.multipliers(step, epoch), step + 1, (step + 1) % per_epoch == 0
+
+
+def simulate_lrs(optimizers: list[Optimizer], configs: list[SchedulerConfig], names: list[str],
+                 params: list[torch.Tensor], steps: Iterable[tuple[int, list, int, bool]]) -> dict[str, list[float]]:
+    """The effective LR (first param group) at every step of ``steps`` (``planned_steps``, or a batch ramp's),
+    from copies of the optimizers and schedulers.
 
     The copies share the parameters (nothing big is copied) and leave the originals untouched.
     ReduceLROnPlateau depends on metrics not known in advance; it is taken as constant here.
@@ -166,12 +175,13 @@ def simulate_lrs(optimizers: list[Optimizer], configs: list[SchedulerConfig], lr
     lrs: dict[str, list[float]] = {f"lr-{name}": [] for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
-        for step in range(total_steps):
-            epoch = step // max(steps_per_epoch, 1)
-            for name, opt, multiplier in zip(names, optimizers, lr_plan.multipliers(step, epoch)):
+        plain, count = [c for c in configs if not isinstance(c.scheduler, ReduceLROnPlateau)], 0
+        for epoch, multipliers, count_after, epoch_ends in steps:
+            for name, opt, multiplier in zip(names, optimizers, multipliers):
                 lrs[f"lr-{name}"].append(float(opt.param_groups[0]["lr"]) * multiplier)
-            plain = [c for c in configs if not isinstance(c.scheduler, ReduceLROnPlateau)]
-            step_schedulers(plain, "step", step + 1, {})
-            if (step + 1) % max(steps_per_epoch, 1) == 0:
+            for n in range(count + 1, count_after + 1):
+                step_schedulers(plain, "step", n, {})
+            count = count_after
+            if epoch_ends:
                 step_schedulers(plain, "epoch", epoch + 1, {})
     return lrs

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from syncstep.batch_ramp import scheduled_steps
 from syncstep.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from syncstep.config import TrainerConfig, unknown_arguments
 from syncstep.fit_plan import FitPlan, plan_fit, plan_summary
@@ -26,7 +27,7 @@ from syncstep.loggers import make_loggers
 from syncstep.loop import FitLoop
 from syncstep.metrics import Metrics
 from syncstep.module import Module
-from syncstep.optim import simulate_lrs
+from syncstep.optim import planned_steps, simulate_lrs
 from syncstep.predict import predict
 from syncstep.resume import restart_checkpoint
 from syncstep.rng import seed_everything, set_determinism
@@ -341,19 +342,20 @@ class Trainer:
 
         Simulates the user's schedulers (on copies; ReduceLROnPlateau is taken as constant) and applies
         the scaling and warmup. Returns {"lr-<optimizer>": [lr at step 0, 1, ...]} (first param group).
-        With a ``batch_ramp`` it is the run at the starting global batch (and says so): the ramp's changes
-        come at run time.
+        With a schedule ``batch_ramp`` the steps follow its batches; with ``batch_ramp="noise"`` it is the
+        run at the starting global batch (and says so): that ramp's changes are decided during fit().
         """
         model = check_module(model)
         loader = train_dataloaders if train_dataloaders is not None else model.train_dataloader()
         check_loaders(self.config, loader, "train_dataloaders")
         plan = self._set_plan(plan_fit(self.config, self.strategy, model, loader, lambda make: make()))
-        if self.config.batch_ramp is not None:
+        if self.config.batch_ramp == "noise":
             self.print("syncstep: lr_schedule() shows the run at the starting global batch "
-                       f"{plan.batch.global_batch_size}; batch_ramp's changes (and the LR re-derived at each) "
-                       "are decided during fit() and printed then.")
-        return simulate_lrs(plan.optimizers, plan.scheduler_configs, plan.lr, plan.lr_names, plan.steps_per_epoch,
-                            plan.total_steps, list(model.parameters()))
+                       f"{plan.batch.global_batch_size}; batch_ramp='noise' decides its changes (and the LR "
+                       "re-derived at each) during fit(), and prints them then.")
+        steps = (scheduled_steps(self.config, plan) if isinstance(self.config.batch_ramp, tuple)
+                 else planned_steps(plan.lr, plan.steps_per_epoch, plan.total_steps))
+        return simulate_lrs(plan.optimizers, plan.scheduler_configs, plan.lr_names, list(model.parameters()), steps)
 
     def plan_summary(self) -> str:
         """The start-up summary of the last planned run (``fit`` or ``lr_schedule``)."""
