@@ -4,7 +4,9 @@ and a one-process run of the same global batches."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import syncstep
-from helpers import assert_params_close, load_result, run_configs
-from test_noise_scale import Quadratic, quadratic_data
+from common import Quadratic, quadratic_data
+from helpers import SCRIPTS, assert_params_close, load_result, run, run_configs
 
 QUIET = {"enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
          "enable_model_summary": False}
@@ -181,6 +183,22 @@ def test_ddp_with_a_ramp_matches_one_process_at_the_same_global_batches(tmp_path
     assert_params_close(ddp["params"], single["params"])
     torch.testing.assert_close(ddp["lrs"], single["lrs"], rtol=1e-12, atol=0)
     assert "batch ramp, epoch 2: global batch 16 -> 32" not in ddp["summary"]  # (the summary is the start's)
+
+
+def test_the_noise_ramp_under_ddp_grows_the_batch_by_the_replicas_noise_scale_on_every_rank(tmp_path):
+    """Under DDP the small batches are the replicas' gradients (the communication hook), and B_small grows
+    with the accumulation: the same known B_simple gives the same doublings as in one process, on both ranks."""
+    config = {"name": "ramp", "ramp": {"dim": 1000, "n": 2048, "b_simple": 46.0, "epochs": 4}}
+    spec = tmp_path / "configs.json"
+    spec.write_text(json.dumps([config]))
+    run([sys.executable, str(SCRIPTS / "noise_ddp.py"), str(spec)], timeout=180, cwd=str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ramp.rank{r}.pt", weights_only=False) for r in range(2)]
+    for saved in ranks:
+        assert saved["sizes"] == [8, 16, 32, 64]
+        assert saved["global_step"] == 256 + 128 + 64 + 32
+    result = ranks[0]["result"]
+    assert result["source"] == "ddp" and result["small_batch"] == 32  # 4 per device x accumulation 8 at the end
+    assert result["b_simple"] == pytest.approx(46.0, rel=0.2)
 
 
 def test_bad_ramps_are_refused_with_the_reason():

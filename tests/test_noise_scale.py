@@ -4,7 +4,6 @@ per-sample gradients by brute force (torch.func), norms computed in one process,
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import syncstep
-from common import dataset, make_net
+from common import Quadratic, dataset, exact, make_net, quadratic_data
 from helpers import SCRIPTS, run
 
 QUIET = {"enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
@@ -184,40 +183,6 @@ class Recorder:
 
     def finalize(self):
         pass
-
-
-class Quadratic(syncstep.Module):
-    """Per-sample loss |w - c_i|^2 / 2: the gradient of sample i is w - c_i, so |G|^2 = |w - mean c|^2 and
-    tr(Sigma) = mean |c_i - mean c|^2, exactly."""
-
-    def __init__(self, dim: int, lr: float = 0.0, scheduler: bool = False):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(dim))
-        self.lr, self.scheduler = lr, scheduler
-
-    def training_step(self, batch, batch_idx):
-        (c,) = batch
-        return 0.5 * (self.w - c).square().sum(1).mean()
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        if not self.scheduler:
-            return opt
-        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)]
-
-
-def quadratic_data(n: int, dim: int, noise: float, seed: int = 0) -> TensorDataset:
-    """Targets with mean exactly (1, ..., 1) / sqrt(dim) (|G|^2 = 1 at w = 0) and tr(Sigma) = noise^2 dim."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    z = (z - z.mean(0)) / (z - z.mean(0)).square().sum(1).mean().sqrt() * math.sqrt(dim)
-    return TensorDataset((torch.ones(dim, dtype=torch.float64) / math.sqrt(dim) + noise * z).float())
-
-
-def exact(data: TensorDataset) -> tuple[float, float]:
-    (c,) = data.tensors
-    c = c.double()
-    return float(c.mean(0).square().sum()), float((c - c.mean(0)).square().sum(1).mean())
 
 
 @pytest.mark.parametrize("noise, expected", [(20.0, "k"), (0.0, "1"), (1.6, "formula")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -149,3 +150,37 @@ def shuffled_order(n: int, seed: int):
     def order(epoch):
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return order
+
+
+class Quadratic(syncstep.Module):
+    """Per-sample loss |w - c_i|^2 / 2: the gradient of sample i is w - c_i, so |G|^2 = |w - mean c|^2 and
+    tr(Sigma) = mean |c_i - mean c|^2, exactly."""
+
+    def __init__(self, dim: int, lr: float = 0.0, scheduler: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))
+        self.lr, self.scheduler = lr, scheduler
+
+    def training_step(self, batch, batch_idx):
+        (c,) = batch
+        return 0.5 * (self.w - c).square().sum(1).mean()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if not self.scheduler:
+            return opt
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)]
+
+
+def quadratic_data(n: int, dim: int, noise: float, seed: int = 0) -> TensorDataset:
+    """Targets with mean exactly (1, ..., 1) / sqrt(dim) (|G|^2 = 1 at w = 0) and tr(Sigma) = noise^2 dim."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) / (z - z.mean(0)).square().sum(1).mean().sqrt() * math.sqrt(dim)
+    return TensorDataset((torch.ones(dim, dtype=torch.float64) / math.sqrt(dim) + noise * z).float())
+
+
+def exact(data: TensorDataset) -> tuple[float, float]:
+    (c,) = data.tensors
+    c = c.double()
+    return float(c.mean(0).square().sum()), float((c - c.mean(0)).square().sum(1).mean())

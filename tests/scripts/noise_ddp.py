@@ -1,6 +1,8 @@
 """DDP on 2 processes with noise_scale=True: every rank saves the squared norms the communication hook
 read at each step (its own gradient, the averaged one), for tests/test_noise_scale.py to compare with
-norms computed in one process.
+norms computed in one process. A config with "ramp": {"dim", "n", "b_simple", "epochs"} instead trains
+the frozen quadratic of common.py (known B_simple) with batch_ramp="noise" and saves each epoch's
+global batch (tests/test_batch_ramp.py).
 
 Usage: python noise_ddp.py configs.json   (syncstep starts the 2 processes itself)
 """
@@ -16,7 +18,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 import syncstep  # noqa: E402
-from common import Tiny, dataset, loader  # noqa: E402
+from common import Quadratic, Tiny, dataset, loader, quadratic_data  # noqa: E402
+
+
+class Sizes(syncstep.Callback):
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.sizes.append(trainer.batch_plan.global_batch_size)
+
+
+def ramp(config: dict) -> None:
+    """The noise ramp under DDP: the small batches are the replicas' (B_small = 4 x accumulation)."""
+    spec, sizes = config["ramp"], Sizes()
+    trainer = syncstep.Trainer(accelerator="cpu", devices=2, strategy="ddp", batch_ramp="noise", seed=0,
+                               max_epochs=spec["epochs"], log_every_n_steps=4, enable_progress_bar=False, logger=False,
+                               enable_checkpointing=False, enable_model_summary=False, callbacks=[sizes])
+    data = quadratic_data(spec["n"], spec["dim"], (spec["b_simple"] / spec["dim"]) ** 0.5)
+    trainer.fit(Quadratic(spec["dim"]), torch.utils.data.DataLoader(data, batch_size=4, shuffle=True))
+    torch.save({"sizes": sizes.sizes, "result": trainer.noise_scale, "global_step": trainer.global_step},
+               f"{config['name']}.rank{trainer.global_rank}.pt")
 
 
 class Norms(syncstep.Callback):
@@ -35,6 +57,9 @@ def main(spec_path: str) -> None:
     with open(spec_path) as f:
         configs = json.load(f)
     for config in configs:
+        if "ramp" in config:
+            ramp(config)
+            continue
         norms = Norms()
         trainer = syncstep.Trainer(
             accelerator="cpu", devices=2, strategy="ddp", noise_scale=True, lr_scaling=config.get("lr_scaling", "none"),
