@@ -185,6 +185,22 @@ def test_ddp_with_a_ramp_matches_one_process_at_the_same_global_batches(tmp_path
     assert "batch ramp, epoch 2: global batch 16 -> 32" not in ddp["summary"]  # (the summary is the start's)
 
 
+def test_a_ramped_run_resumes_on_another_device_count_at_its_ramped_batch(tmp_path):
+    """Saved by one process inside the ramp's second batch, resumed by two DDP processes: the run goes on
+    at the checkpoint's global batch and ends where the uninterrupted one-process run does."""
+    base = {"n": 37, "batch_size": 4, "shuffle": True, "seed": 3, "max_epochs": 3, "global_batch_size": 8,
+            "batch_ramp": {"1": 16, "2": 32}, "lr_scaling": "linear", "reference_batch_size": 8,
+            "scheduler": "step", "optimizer": "sgd_momentum", "enable_checkpointing": True,
+            "ckpt_every_n_steps": 1, "keep_last": 100, "root": str(tmp_path / "run")}
+    run_configs(tmp_path, [{**base, "name": "whole", "devices": 1, "strategy": "auto"}], timeout=90)
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "epoch=1-step=6.ckpt")  # 1 of epoch 1's 3 steps
+    run_configs(tmp_path, [{**base, "name": "resumed", "devices": 2, "strategy": "ddp", "ckpt_path": checkpoint,
+                            "root": str(tmp_path / "resumed")}], timeout=150)
+    whole, resumed = load_result(tmp_path / "whole.pt"), load_result(tmp_path / "resumed.pt")
+    assert whole["global_step"] == resumed["global_step"] == 10
+    assert_params_close(resumed["params"], whole["params"])
+
+
 def test_the_noise_ramp_under_ddp_grows_the_batch_by_the_replicas_noise_scale_on_every_rank(tmp_path):
     """Under DDP the small batches are the replicas' gradients (the communication hook), and B_small grows
     with the accumulation: the same known B_simple gives the same doublings as in one process, on both ranks."""
