@@ -348,11 +348,15 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
         grouped = [statistics.fmean(raw[i:i + curve_k]) for i in range(0, len(raw), curve_k)]
         curve_ax.plot([REFERENCE_BATCH * i / 1000 for i in range(0, len(raw), curve_k)], grouped, color="black",
                       linewidth=1, label=f"k=1 (mean over each {REFERENCE_BATCH * curve_k} samples)")
-    for row, run in pick.items():
-        batch = run["global_batch_size"]
-        curve_ax.plot([batch * i / 1000 for i in range(len(run["early_train_loss"]))], run["early_train_loss"],
-                      marker="o", markersize=3, color=COLORS[row], label=f"k={curve_k} {row}")
     samples_per_epoch = len(digits_loaders(REFERENCE_BATCH)[0].dataset)
+    for row, run in pick.items():
+        losses = run["early_train_loss"]
+        if row == "ramp":  # (its batch grows: the samples before each step, epoch by epoch)
+            x = ramp_samples(run, len(losses), samples_per_epoch)
+        else:
+            x = [run["global_batch_size"] * i for i in range(len(losses))]
+        curve_ax.plot([v / 1000 for v in x], losses, marker="o", markersize=3, color=COLORS[row],
+                      label=f"k={curve_k} {row}")
     curve_ax.axvspan(0, warmup_epochs * samples_per_epoch / 1000, color="tab:blue", alpha=0.08,
                      label=f"warmup ({warmup_epochs:g} epochs)")
     curve_ax.set(title=f"training loss per step, base LR {study['base_lr']:g}, first {spike_epochs} epochs, "
@@ -364,6 +368,18 @@ def plot(studies: list[dict], out_png: str, spike_epochs: int, warmup_epochs: fl
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def ramp_samples(run: dict, steps: int, samples_per_epoch: int) -> list[int]:
+    """The samples seen before each of a ramp run's first ``steps`` steps (its batch per epoch from
+    ``ramp_changes``, an epoch's last step holding what is left)."""
+    changes, batch, seen, x, epoch = dict(run["ramp_changes"]), REFERENCE_BATCH, 0, [], 0
+    while len(x) < steps:
+        batch = changes.get(epoch, batch)
+        for begin in range(0, samples_per_epoch, batch):
+            x.append(seen + begin)
+        seen, epoch = seen + samples_per_epoch, epoch + 1
+    return x[:steps]
 
 
 def run_study(base_lr: float, args: argparse.Namespace) -> dict:
