@@ -71,8 +71,7 @@ class BatchRamp:
     """The ramp of one fit: decides each epoch's global batch, and keeps the clock in starting-batch steps."""
 
     def __init__(self, *, spec: Any, factor: float, maximum: int | None, batch: Any, num_samples: int, meter: Any,
-                 state: Any,
-                 apply: Callable[..., str], print_fn: Callable[[str], None]) -> None:
+                 state: Any, apply: Callable[..., str], print_fn: Callable[[str], None]) -> None:
         self.spec, self.factor, self.meter, self.state = spec, factor, meter, state
         self.apply, self.print = apply, print_fn  # apply(accumulation): re-cut, re-derive; returns the LR line
         self.unit = batch.per_device_batch_size * batch.world_size  # one micro-batch over all replicas
