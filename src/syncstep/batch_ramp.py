@@ -41,7 +41,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from syncstep.optim import step_schedulers
-from syncstep.plan import plan_lr
+from syncstep.plan import nearest_multiples, plan_lr
 
 
 def check_argument(batch_ramp: Any, factor: Any, maximum: Any = None) -> Any:
@@ -94,9 +94,9 @@ class BatchRamp:
 
     def _check_size(self, size: int, what: str) -> None:
         if size % self.unit:
-            low = max(self.unit, size // self.unit * self.unit)
             raise ValueError(f"{what}={size} is not a multiple of per-device batch x world size = {self.unit}, so no "
-                             f"whole number of accumulation steps gives it; nearest: {low} or {low + self.unit}.")
+                             f"whole number of accumulation steps gives it; nearest: "
+                             f"{nearest_multiples(size, self.unit)}.")
 
     # -- at the start of an epoch (every rank, with the same numbers) -------------------------------
     def start_epoch(self, epoch: int) -> None:

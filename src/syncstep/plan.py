@@ -101,7 +101,7 @@ class BatchPlan:
         return self.global_batch_size / self.reference_batch_size
 
 
-def _nearest_multiples(value: int, unit: int) -> str:
+def nearest_multiples(value: int, unit: int) -> str:
     low = max(unit, value // unit * unit)
     high = low if low >= value else low + unit
     return f"{low}" if low == high else f"{low} or {high}"
@@ -132,7 +132,7 @@ def plan_batch(
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not a multiple of per-device batch {b} x "
                 f"world size {w} = {unit}, so no whole number of accumulation steps gives it. "
-                f"Nearest valid global batch sizes: {_nearest_multiples(global_batch_size, unit)}; "
+                f"Nearest valid global batch sizes: {nearest_multiples(global_batch_size, unit)}; "
                 "or change the DataLoader's batch_size."
             )
         accumulation = global_batch_size // unit
